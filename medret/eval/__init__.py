@@ -1,0 +1,1 @@
+"""Retrieval benchmarks and metrics."""

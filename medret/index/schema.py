@@ -1,0 +1,92 @@
+"""The code table's Arrow schema: one row per indexed image or tile.
+
+The encoder's config travels in the schema metadata (``medret.encoder``), so an
+opened table says exactly how its codes were made.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from medret.errors import SchemaError
+from medret.models.encoder import EncoderConfig
+
+ENCODER_KEY = b"medret.encoder"
+ENCODER_ID_KEY = b"medret.encoder_id"
+CHECKPOINT_KEY = b"medret.checkpoint"
+SCHEMA_VERSION_KEY = b"medret.schema_version"
+SCHEMA_VERSION = "1"
+
+# column -> (type, required). Optional columns may be omitted on write (they become null).
+METADATA_COLUMNS: dict[str, tuple[pa.DataType, bool]] = {
+    "item_id": (pa.string(), True),
+    "source_uri": (pa.string(), True),
+    "etag": (pa.string(), False),
+    "modality": (pa.string(), False),
+    "dataset": (pa.string(), False),
+    "label": (pa.string(), False),
+    "study_uid": (pa.string(), False),
+    "series_uid": (pa.string(), False),
+    "instance_uid": (pa.string(), False),
+    "slide_id": (pa.string(), False),
+    "tile_x": (pa.int64(), False),
+    "tile_y": (pa.int64(), False),
+    "mpp": (pa.float64(), False),
+    "encoder_id": (pa.string(), True),
+    "indexed_at": (pa.timestamp("us", tz="UTC"), True),
+    "extra": (pa.string(), False),  # JSON object with anything else worth keeping
+}
+FILTER_COLUMNS = tuple(c for c in METADATA_COLUMNS if c not in ("extra", "indexed_at"))
+
+
+def code_schema(encoder: EncoderConfig, checkpoint: str = "") -> pa.Schema:
+    fields = [pa.field(name, typ, nullable=not req) for name, (typ, req) in METADATA_COLUMNS.items()]
+    fields.append(pa.field("code", pa.list_(pa.uint8(), encoder.code_bytes), nullable=False))
+    return pa.schema(
+        fields,
+        metadata={
+            ENCODER_KEY: encoder.to_json().encode(),
+            ENCODER_ID_KEY: encoder.encoder_id.encode(),
+            CHECKPOINT_KEY: checkpoint.encode(),
+            SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode(),
+        },
+    )
+
+
+def encoder_of(schema: pa.Schema) -> EncoderConfig:
+    meta = schema.metadata or {}
+    if ENCODER_KEY not in meta:
+        raise SchemaError("table has no medret encoder metadata; it was not written by medret")
+    return EncoderConfig.from_json(meta[ENCODER_KEY])
+
+
+def checkpoint_of(schema: pa.Schema) -> str:
+    return (schema.metadata or {}).get(CHECKPOINT_KEY, b"").decode()
+
+
+def conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Reorder / add null columns / cast ``rows`` to ``schema``, or say what does not fit."""
+    unknown = set(rows.column_names) - set(schema.names)
+    if unknown:
+        raise SchemaError(f"unknown columns {sorted(unknown)}; the table has {schema.names}")
+    arrays = []
+    for field in schema:
+        if field.name not in rows.column_names:
+            if not field.nullable:
+                raise SchemaError(f"required column {field.name!r} is missing")
+            arrays.append(pa.nulls(rows.num_rows, field.type))
+            continue
+        col = rows.column(field.name)
+        if not field.nullable and col.null_count:
+            raise SchemaError(f"column {field.name!r} must not hold nulls ({col.null_count} found)")
+        try:
+            arrays.append(col.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise SchemaError(f"column {field.name!r} cannot be stored as {field.type}: {err}") from err
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def extra_json(value: dict[str, object] | None) -> str | None:
+    return None if not value else json.dumps(value, sort_keys=True, default=str)

@@ -1,0 +1,323 @@
+"""The code index: binary codes + metadata in a LanceDB table, searched by Hamming distance.
+
+Rows are keyed by ``item_id``: :meth:`CodeIndex.upsert` replaces an existing item
+and never duplicates it. Every write is a new table version (old versions stay
+readable until :meth:`CodeIndex.optimize` cleans them up). Exact search runs on
+packed codes held in memory (:mod:`medret.index.search`), reloaded when the table
+version changes; :meth:`CodeIndex.search_ivf` uses LanceDB's IVF_FLAT index with
+``hamming`` for tables too large to scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from medret import observability as obs
+from medret.config import S3Config
+from medret.errors import EncoderMismatchError, SchemaError, TableNotFoundError
+from medret.index import schema as sch
+from medret.index.search import to_columns, topk_columns
+from medret.models.codes import as_codes, to_words
+from medret.models.encoder import EncoderConfig
+from medret.storage.objects import lance_storage_options
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = [c for c in sch.METADATA_COLUMNS if c != "encoder_id"]
+
+
+def connect(uri: str, s3: S3Config | None = None) -> Any:
+    import lancedb
+
+    return lancedb.connect(uri, storage_options=lance_storage_options(uri, s3))
+
+
+def list_tables(uri: str, s3: S3Config | None = None) -> list[str]:
+    return sorted(connect(uri, s3).list_tables().tables)
+
+
+@dataclass
+class _Snapshot:
+    version: int
+    dataset: Any  # lance.LanceDataset pinned at ``version``
+    cols: npt.NDArray[np.uint64]  # (w, n) word columns in scan order
+    item_ids: npt.NDArray[np.object_]
+    rowids: npt.NDArray[np.uint64]
+    rowid_order: npt.NDArray[np.int64]
+
+
+class CodeIndex:
+    """A code table. Make one with :meth:`create` or :meth:`open`."""
+
+    def __init__(self, table: Any, *, uri: str, name: str) -> None:
+        self._table = table
+        self.uri = uri
+        self.name = name
+        schema = table.schema
+        self.encoder: EncoderConfig = sch.encoder_of(schema)
+        self.checkpoint: str = sch.checkpoint_of(schema)
+        self._snapshot: _Snapshot | None = None
+        self._last_refresh = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        uri: str,
+        encoder: EncoderConfig,
+        *,
+        table: str = "codes",
+        checkpoint: str = "",
+        s3: S3Config | None = None,
+        exist_ok: bool = False,
+    ) -> CodeIndex:
+        """Create the table, or with ``exist_ok`` open it if it was made by the same encoder."""
+        db = connect(uri, s3)
+        if table in db.list_tables().tables:
+            if not exist_ok:
+                raise FileExistsError(f"table {table!r} already exists at {uri}")
+            idx = cls.open(uri, table=table, s3=s3)
+            idx.check_encoder(encoder.encoder_id)
+            return idx
+        tbl = db.create_table(table, schema=sch.code_schema(encoder, checkpoint))
+        log.info("created code table %s at %s for encoder %s", table, uri, encoder.encoder_id)
+        return cls(tbl, uri=uri, name=table)
+
+    @classmethod
+    def open(
+        cls, uri: str, *, table: str = "codes", s3: S3Config | None = None, version: int | None = None
+    ) -> CodeIndex:
+        db = connect(uri, s3)
+        names = db.list_tables().tables
+        if table not in names:
+            raise TableNotFoundError(
+                f"no code table {table!r} at {uri}; tables there: {', '.join(sorted(names)) or '(none)'}"
+            )
+        tbl = db.open_table(table)
+        if version is not None:
+            tbl.checkout(version)
+        return cls(tbl, uri=uri, name=table)
+
+    # -- facts -----------------------------------------------------------------------
+    @property
+    def encoder_id(self) -> str:
+        return self.encoder.encoder_id
+
+    @property
+    def version(self) -> int:
+        return int(self._table.version)
+
+    def versions(self) -> list[dict[str, Any]]:
+        return [dict(v) for v in self._table.list_versions()]
+
+    def count(self, where: str | None = None) -> int:
+        return int(self._table.count_rows(where))
+
+    def check_encoder(self, encoder_id: str) -> None:
+        if encoder_id != self.encoder_id:
+            raise EncoderMismatchError(
+                f"table {self.name!r} at {self.uri} holds codes from encoder {self.encoder_id}; "
+                f"refusing codes from {encoder_id}. Use a new table for a new encoder."
+            )
+
+    # -- writes ----------------------------------------------------------------------
+    def rows(
+        self,
+        item_ids: Sequence[str],
+        codes: npt.ArrayLike,
+        **columns: Sequence[Any] | npt.ArrayLike,
+    ) -> pa.Table:
+        """Build rows for :meth:`upsert` from ids, packed codes and metadata columns."""
+        c = as_codes(codes, self.encoder.bits)
+        if len(item_ids) != len(c):
+            raise SchemaError(f"{len(item_ids)} item ids but {len(c)} codes")
+        n = len(c)
+        data: dict[str, Any] = {"item_id": pa.array(item_ids, pa.string())}
+        for name, values in columns.items():
+            data[name] = values
+        data.setdefault("encoder_id", [self.encoder_id] * n)
+        data.setdefault("indexed_at", pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")))
+        data["code"] = pa.FixedSizeListArray.from_arrays(pa.array(c.ravel(), pa.uint8()), c.shape[1])
+        return pa.table(data)
+
+    def upsert(self, rows: pa.Table) -> int:
+        """Insert rows, replacing any with the same ``item_id``; one commit. Returns rows written."""
+        if rows.num_rows == 0:
+            return 0
+        table = sch.conform(rows, self._table.schema)
+        for enc in set(table.column("encoder_id").to_pylist()):
+            self.check_encoder(enc)
+        ids = table.column("item_id").to_numpy(zero_copy_only=False)
+        _, last = np.unique(ids[::-1], return_index=True)
+        if len(last) != len(ids):  # the same id twice in one batch: the last one wins
+            keep = np.sort(len(ids) - 1 - last)
+            table = table.take(pa.array(keep))
+        (
+            self._table.merge_insert("item_id")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute(table)
+        )
+        obs.INDEX_ROWS_WRITTEN.labels(table=self.name).inc(table.num_rows)
+        return int(table.num_rows)
+
+    def delete(self, where: str) -> None:
+        self._table.delete(where)
+
+    def delete_sources(self, source_uris: Sequence[str]) -> None:
+        """Remove every item produced from these source objects."""
+        for start in range(0, len(source_uris), 500):
+            chunk = source_uris[start : start + 500]
+            self._table.delete(f"source_uri IN ({', '.join(quote(u) for u in chunk)})")
+
+    def optimize(self, *, cleanup_older_than: timedelta | None = None) -> None:
+        """Compact fragments, update indices and (optionally) drop versions older than given."""
+        self._table.optimize(cleanup_older_than=cleanup_older_than)
+
+    # -- reads -----------------------------------------------------------------------
+    def refresh(self, *, min_interval_s: float = 0.0) -> bool:
+        """Follow the latest committed version; True when it changed. Cheap when called often."""
+        now = time.monotonic()
+        if now - self._last_refresh < min_interval_s:
+            return False
+        self._last_refresh = now
+        before = self.version
+        self._table.checkout_latest()
+        return self.version != before
+
+    def _snap(self) -> _Snapshot:
+        v = self.version
+        if self._snapshot is None or self._snapshot.version != v:
+            t0 = time.perf_counter()
+            ds = self._table.to_lance()
+            tbl = ds.to_table(columns=["item_id", "code"], with_row_id=True, scan_in_order=True)
+            n = tbl.num_rows
+            flat = tbl.column("code").combine_chunks().values.to_numpy(zero_copy_only=False)
+            codes = flat.reshape(n, self.encoder.code_bytes) if n else np.zeros((0, self.encoder.code_bytes), np.uint8)
+            rowids = tbl.column("_rowid").to_numpy()
+            self._snapshot = _Snapshot(
+                version=v,
+                dataset=ds,
+                cols=to_columns(codes),
+                item_ids=tbl.column("item_id").to_numpy(zero_copy_only=False),
+                rowids=rowids,
+                rowid_order=np.argsort(rowids, kind="stable"),
+            )
+            obs.INDEX_SIZE.labels(table=self.name).set(n)
+            log.info("loaded %d codes of %s v%d in %.2fs", n, self.name, v, time.perf_counter() - t0)
+        return self._snapshot
+
+    def _positions(self, snap: _Snapshot, where: str) -> npt.NDArray[np.int64]:
+        rids = snap.dataset.to_table(columns=["item_id"], filter=where, with_row_id=True).column("_rowid").to_numpy()
+        sorted_rids = snap.rowids[snap.rowid_order]
+        pos = snap.rowid_order[np.searchsorted(sorted_rids, rids)]
+        return np.sort(pos)  # ascending positions keep the row-order tie-break
+
+    def search(
+        self, query_codes: npt.ArrayLike, k: int = 10, *, where: str | None = None
+    ) -> list[pa.Table]:
+        """Exact Hamming top-``k`` for each query code; ties go to the earlier row.
+
+        Returns one table per query: ``rank``, ``distance`` and the metadata columns.
+        ``where`` is a SQL filter over metadata columns (see :func:`where_clause`).
+        """
+        q = as_codes(query_codes, self.encoder.bits)
+        t0 = time.perf_counter()
+        snap = self._snap()
+        if where:
+            pos = self._positions(snap, where)
+            idx, dist = topk_columns(np.ascontiguousarray(snap.cols[:, pos]), to_words(q), k)
+            idx = np.where(idx >= 0, pos[np.maximum(idx, 0)], -1)
+        else:
+            idx, dist = topk_columns(snap.cols, to_words(q), k)
+        obs.SEARCH_SECONDS.labels(path="exact").observe(time.perf_counter() - t0)
+        return [self._hits(snap, i[i >= 0], d[i >= 0]) for i, d in zip(idx, dist, strict=True)]
+
+    def _hits(self, snap: _Snapshot, pos: npt.NDArray[np.int64], dist: npt.NDArray[Any]) -> pa.Table:
+        meta = snap.dataset.take(pos, columns=RESULT_COLUMNS)
+        got = meta.column("item_id").to_numpy(zero_copy_only=False)
+        assert (got == snap.item_ids[pos]).all(), "row positions out of sync with the snapshot"
+        return meta.add_column(0, "distance", pa.array(dist, pa.int32())).add_column(
+            0, "rank", pa.array(np.arange(len(pos)), pa.int32())
+        )
+
+    def codes_of(self, item_ids: Sequence[str]) -> npt.NDArray[np.uint8]:
+        """Stored codes of these items, in the order given; unknown ids raise KeyError."""
+        t = self.get(item_ids, columns=["item_id", "code"])
+        found = dict(zip(t.column("item_id").to_pylist(), t.column("code").to_pylist(), strict=True))
+        missing = [i for i in item_ids if i not in found]
+        if missing:
+            raise KeyError(f"items not in table {self.name!r}: {missing[:5]}")
+        return np.array([found[i] for i in item_ids], dtype=np.uint8).reshape(len(item_ids), -1)
+
+    def get(self, item_ids: Sequence[str], *, columns: Sequence[str] | None = None) -> pa.Table:
+        if not item_ids:
+            return self._table.schema.empty_table()
+        where = f"item_id IN ({', '.join(quote(i) for i in item_ids)})"
+        return self._table.to_lance().to_table(columns=list(columns) if columns else None, filter=where)
+
+    def to_arrow(self, columns: Sequence[str] | None = None) -> pa.Table:
+        return self._table.to_lance().to_table(columns=list(columns) if columns else None)
+
+    # -- approximate path ------------------------------------------------------------
+    def create_ivf(self, *, num_partitions: int | None = None) -> None:
+        """Build LanceDB's IVF_FLAT index with hamming distance over ``code``."""
+        from lancedb.index import IvfFlat
+
+        n = self.count()
+        parts = num_partitions or max(1, int(np.sqrt(n)))
+        self._table.create_index("code", config=IvfFlat(distance_type="hamming", num_partitions=parts))
+
+    def search_ivf(
+        self, query_codes: npt.ArrayLike, k: int = 10, *, nprobes: int = 20, where: str | None = None
+    ) -> list[pa.Table]:
+        """Approximate top-``k`` through the IVF index (probing ``nprobes`` partitions)."""
+        q = as_codes(query_codes, self.encoder.bits)
+        out = []
+        t0 = time.perf_counter()
+        for code in q:
+            s = self._table.search(code, vector_column_name="code").distance_type("hamming").nprobes(nprobes)
+            if where:
+                s = s.where(where, prefilter=True)
+            t = s.select([*RESULT_COLUMNS, "_distance"]).limit(k).to_arrow()
+            dist = t.column("_distance").to_numpy().astype(np.int32)
+            t = t.drop_columns(["_distance"]).select(RESULT_COLUMNS)
+            t = t.add_column(0, "distance", pa.array(dist)).add_column(
+                0, "rank", pa.array(np.arange(t.num_rows, dtype=np.int32))
+            )
+            out.append(t)
+        obs.SEARCH_SECONDS.labels(path="ivf").observe(time.perf_counter() - t0)
+        return out
+
+
+def quote(value: object) -> str:
+    """A SQL string literal: ``O'Brien`` -> ``'O''Brien'``."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def where_clause(filters: Mapping[str, object | Sequence[object]]) -> str | None:
+    """Build a safe filter from ``{column: value or [values]}`` over known metadata columns.
+
+    >>> where_clause({"modality": "CR", "label": ["1", "2"]})
+    "modality = 'CR' AND label IN ('1', '2')"
+    """
+    parts = []
+    for col, value in filters.items():
+        if col not in sch.FILTER_COLUMNS:
+            raise SchemaError(f"cannot filter on {col!r}; filterable columns: {', '.join(sch.FILTER_COLUMNS)}")
+        if isinstance(value, (list, tuple, set)):
+            parts.append(f"{col} IN ({', '.join(quote(v) for v in value)})")
+        elif sch.METADATA_COLUMNS[col][0] in (pa.int64(), pa.float64()):
+            parts.append(f"{col} = {float(value) if col == 'mpp' else int(value)}")  # type: ignore[arg-type]
+        else:
+            parts.append(f"{col} = {quote(value)}")
+    return " AND ".join(parts) or None

@@ -1,0 +1,1 @@
+"""Readers: bytes -> pixel arrays + metadata. They decode; they never normalise."""

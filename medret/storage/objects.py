@@ -1,0 +1,339 @@
+"""List, read and write objects under a root URI, on S3 or a local folder, with one interface.
+
+>>> import tempfile
+>>> root = tempfile.mkdtemp()
+>>> store = open_store(root)
+>>> _ = store.write_bytes("a/b.txt", b"hi")
+>>> [(o.key, o.size) for o in store.list()]
+[('a/b.txt', 2)]
+>>> store.read_bytes("a/b.txt")
+b'hi'
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from medret.config import S3Config
+from medret.errors import ObjectNotFoundError, StorageAuthError, StorageError
+from medret.storage.uri import StorageURI, parse_uri
+
+_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}
+_MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object: its full URI, key relative to the store root, size and version tag.
+
+    On S3 ``etag`` is the server's ETag; locally it is ``"<mtime_ns hex>-<size hex>"``,
+    which changes whenever the file is rewritten.
+    """
+
+    uri: str
+    key: str
+    size: int
+    etag: str
+
+
+class ObjectStore(ABC):
+    """Objects under one root. Keys are ``/``-separated and relative to the root."""
+
+    root: StorageURI
+
+    def uri_of(self, key: str) -> str:
+        return str(self.root.join(key))
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """All objects whose key starts with ``prefix``, recursively, in key order."""
+
+    @abstractmethod
+    def info(self, key: str) -> ObjectInfo: ...
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, length: int) -> bytes: ...
+
+    @abstractmethod
+    def open(self, key: str) -> IO[bytes]:
+        """A readable binary stream; the caller closes it."""
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> ObjectInfo: ...
+
+    @abstractmethod
+    def upload(self, key: str, stream: IO[bytes]) -> ObjectInfo:
+        """Write from a stream without holding it all in memory."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.info(key)
+        except ObjectNotFoundError:
+            return False
+        return True
+
+
+class LocalStore(ObjectStore):
+    def __init__(self, root: StorageURI) -> None:
+        self.root = root
+        self._base = Path(root.path)
+
+    def _path(self, key: str) -> Path:
+        p = (self._base / key).resolve()
+        if p != self._base and self._base not in p.parents:
+            raise ObjectNotFoundError(f"key {key!r} escapes the store root {str(self._base)!r}")
+        return p
+
+    def _info(self, p: Path, st: os.stat_result) -> ObjectInfo:
+        key = p.relative_to(self._base).as_posix()
+        return ObjectInfo(str(p), key, st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}")
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self._base.exists():
+            return
+        stack = [self._base]
+        found: list[tuple[str, Path]] = []
+        while stack:
+            d = stack.pop()
+            with os.scandir(d) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                    elif entry.is_file():
+                        key = Path(entry.path).relative_to(self._base).as_posix()
+                        if key.startswith(prefix):
+                            found.append((key, Path(entry.path)))
+        for _, p in sorted(found):
+            yield self._info(p, p.stat())
+
+    def info(self, key: str) -> ObjectInfo:
+        p = self._path(key)
+        try:
+            return self._info(p, p.stat())
+        except FileNotFoundError as err:
+            raise ObjectNotFoundError(f"no such file: {p}") from err
+
+    def read_bytes(self, key: str) -> bytes:
+        p = self._path(key)
+        try:
+            return p.read_bytes()
+        except FileNotFoundError as err:
+            raise ObjectNotFoundError(f"no such file: {p}") from err
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with self.open(key) as f:
+            f.seek(start)
+            return f.read(length)
+
+    def open(self, key: str) -> IO[bytes]:
+        p = self._path(key)
+        try:
+            return p.open("rb")
+        except FileNotFoundError as err:
+            raise ObjectNotFoundError(f"no such file: {p}") from err
+
+    def write_bytes(self, key: str, data: bytes) -> ObjectInfo:
+        p = self._path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".medret-tmp")
+        tmp.write_bytes(data)
+        tmp.replace(p)  # atomic: readers never see half a file
+        return self.info(key)
+
+    def upload(self, key: str, stream: IO[bytes]) -> ObjectInfo:
+        p = self._path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".medret-tmp")
+        with tmp.open("wb") as out:
+            shutil.copyfileobj(stream, out, 1 << 20)
+        tmp.replace(p)
+        return self.info(key)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+def s3_client(cfg: S3Config | None = None) -> Any:
+    """A boto3 S3 client: standard retry mode (backoff on throttling and 5xx), AWS credential chain."""
+    import boto3
+    from botocore.config import Config
+
+    cfg = cfg or S3Config()
+    endpoint = cfg.resolved_endpoint()
+    style = cfg.addressing_style
+    if style == "auto" and endpoint:
+        style = "path"  # S3-compatible servers rarely do virtual-host buckets
+    session = boto3.session.Session(
+        aws_access_key_id=cfg.access_key_id,
+        aws_secret_access_key=cfg.secret_access_key,
+        region_name=cfg.region,
+    )
+    return session.client(
+        "s3",
+        endpoint_url=endpoint,
+        config=Config(
+            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+            connect_timeout=cfg.connect_timeout_s,
+            read_timeout=cfg.read_timeout_s,
+            s3={"addressing_style": style},
+            signature_version="s3v4",
+        ),
+    )
+
+
+def _s3_error(err: Exception, what: str) -> StorageError:
+    from botocore.exceptions import ClientError
+
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        msg = f"{what}: {code} {err.response.get('Error', {}).get('Message', '')}".strip()
+        if code in _AUTH_CODES:
+            return StorageAuthError(f"{msg} (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+        if code in _MISSING_CODES:
+            return ObjectNotFoundError(msg)
+        return StorageError(msg)
+    return StorageError(f"{what}: {err}")
+
+
+class S3Store(ObjectStore):
+    def __init__(self, root: StorageURI, cfg: S3Config | None = None, *, page_size: int = 1000):
+        self.root = root
+        self.cfg = cfg or S3Config()
+        self.page_size = page_size
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = s3_client(self.cfg)
+        return self._client
+
+    def __getstate__(self) -> dict[str, Any]:  # boto3 clients do not pickle (Ray tasks)
+        return {**self.__dict__, "_client": None}
+
+    def _key(self, key: str) -> str:
+        return f"{self.root.path}/{key}" if self.root.path else key
+
+    def _rel(self, full: str) -> str:
+        return full[len(self.root.path) + 1 :] if self.root.path else full
+
+    def _call(self, what: str, fn: Any, **kw: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kw)
+        except (ClientError, BotoCoreError) as err:
+            raise _s3_error(err, what) from err
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        full_prefix = self._key(prefix) if prefix else (self.root.path + "/" if self.root.path else "")
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.root.bucket, "Prefix": full_prefix, "MaxKeys": self.page_size}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call(f"listing s3://{self.root.bucket}/{full_prefix}", self.client.list_objects_v2, **kw)
+            for obj in page.get("Contents", []):
+                key = self._rel(obj["Key"])
+                yield ObjectInfo(self.uri_of(key), key, int(obj["Size"]), obj["ETag"].strip('"'))
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    def info(self, key: str) -> ObjectInfo:
+        head = self._call(
+            f"reading {self.uri_of(key)}", self.client.head_object, Bucket=self.root.bucket, Key=self._key(key)
+        )
+        return ObjectInfo(self.uri_of(key), key, int(head["ContentLength"]), head["ETag"].strip('"'))
+
+    def _get(self, key: str, **extra: Any) -> Any:
+        return self._call(
+            f"reading {self.uri_of(key)}", self.client.get_object, Bucket=self.root.bucket, Key=self._key(key), **extra
+        )
+
+    def read_bytes(self, key: str) -> bytes:
+        body = self._get(key)["Body"]
+        try:
+            return bytes(body.read())
+        finally:
+            body.close()
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        body = self._get(key, Range=f"bytes={start}-{start + length - 1}")["Body"]
+        try:
+            return bytes(body.read())
+        finally:
+            body.close()
+
+    def open(self, key: str) -> IO[bytes]:
+        body: IO[bytes] = self._get(key)["Body"]
+        return body
+
+    def write_bytes(self, key: str, data: bytes) -> ObjectInfo:
+        put = self._call(
+            f"writing {self.uri_of(key)}", self.client.put_object, Bucket=self.root.bucket, Key=self._key(key), Body=data
+        )
+        return ObjectInfo(self.uri_of(key), key, len(data), put["ETag"].strip('"'))
+
+    def upload(self, key: str, stream: IO[bytes]) -> ObjectInfo:
+        self._call(
+            f"writing {self.uri_of(key)}",
+            self.client.upload_fileobj,
+            Fileobj=stream,
+            Bucket=self.root.bucket,
+            Key=self._key(key),
+        )
+        return self.info(key)
+
+    def delete(self, key: str) -> None:
+        self._call(
+            f"deleting {self.uri_of(key)}", self.client.delete_object, Bucket=self.root.bucket, Key=self._key(key)
+        )
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (tests, demo, ``medret dev s3``)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.root.bucket)
+        except ClientError:
+            self._call(f"creating bucket {self.root.bucket}", self.client.create_bucket, Bucket=self.root.bucket)
+
+
+def open_store(uri: str | StorageURI, s3: S3Config | None = None, *, page_size: int = 1000) -> ObjectStore:
+    """The store for ``uri``: :class:`S3Store` for ``s3://``, :class:`LocalStore` otherwise."""
+    parsed = parse_uri(uri) if isinstance(uri, str) else uri
+    if parsed.is_s3:
+        return S3Store(parsed, s3, page_size=page_size)
+    return LocalStore(parsed)
+
+
+def lance_storage_options(uri: str, s3: S3Config | None = None) -> dict[str, str] | None:
+    """Options for LanceDB / Lance to reach ``uri`` with the same settings as :func:`s3_client`."""
+    if not parse_uri(uri).is_s3:
+        return None
+    cfg = s3 or S3Config()
+    opts: dict[str, str] = {"region": cfg.region}
+    endpoint = cfg.resolved_endpoint()
+    if endpoint:
+        opts["endpoint"] = endpoint
+        opts["allow_http"] = str(endpoint.startswith("http://")).lower()
+        opts["virtual_hosted_style_request"] = str(cfg.addressing_style == "virtual").lower()
+    key = cfg.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = cfg.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        opts["aws_access_key_id"] = key
+        opts["aws_secret_access_key"] = secret
+    return opts
