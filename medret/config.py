@@ -37,7 +37,9 @@ class S3Config(Frozen):
     region: str = "us-east-1"
     access_key_id: str | None = None
     secret_access_key: str | None = Field(default=None, repr=False)
-    max_attempts: int = Field(default=8, ge=1, le=20)
+    max_attempts: int = Field(
+        default=8, ge=1, le=20, description="total tries per request (backoff on throttling and 5xx)"
+    )
     connect_timeout_s: float = Field(default=10.0, gt=0)
     read_timeout_s: float = Field(default=60.0, gt=0)
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
@@ -50,9 +52,7 @@ class S3Config(Frozen):
         return v
 
     def resolved_endpoint(self) -> str | None:
-        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-            "AWS_ENDPOINT_URL"
-        )
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 class IndexConfig(Frozen):

@@ -19,7 +19,12 @@ import numpy.typing as npt
 from medret.errors import DataError
 from medret.io.medmnist import read_medmnist, to_grey
 
-MEDMNIST4 = (("breast", "breastmnist"), ("retina", "retinamnist"), ("chest", "pneumoniamnist"), ("abdomen", "organamnist"))
+MEDMNIST4 = (
+    ("breast", "breastmnist"),
+    ("retina", "retinamnist"),
+    ("chest", "pneumoniamnist"),
+    ("abdomen", "organamnist"),
+)
 PARTS = ("train", "val", "gallery", "query")
 
 
@@ -71,9 +76,7 @@ class RetrievalSplit:
         return self.parts[part]
 
     def counts(self) -> dict[str, dict[str, int]]:
-        return {
-            o: {p: int((self.parts[p].organ == i).sum()) for p in PARTS} for i, o in enumerate(self.organs)
-        }
+        return {o: {p: int((self.parts[p].organ == i).sum()) for p in PARTS} for i, o in enumerate(self.organs)}
 
 
 def build_split(files: Sequence[tuple[str, str | os.PathLike[str]]]) -> RetrievalSplit:

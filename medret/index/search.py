@@ -1,3 +1,5 @@
+# mypy: check-untyped-defs=False
+# (the numba kernels below are untyped by nature; their public wrappers are typed)
 """Exact Hamming top-k over packed codes held in memory.
 
 One pass over the database per block of queries: XOR + popcount per code, and a

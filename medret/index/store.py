@@ -161,12 +161,7 @@ class CodeIndex:
         if len(last) != len(ids):  # the same id twice in one batch: the last one wins
             keep = np.sort(len(ids) - 1 - last)
             table = table.take(pa.array(keep))
-        (
-            self._table.merge_insert("item_id")
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .execute(table)
-        )
+        (self._table.merge_insert("item_id").when_matched_update_all().when_not_matched_insert_all().execute(table))
         obs.INDEX_ROWS_WRITTEN.labels(table=self.name).inc(table.num_rows)
         return int(table.num_rows)
 
@@ -222,14 +217,10 @@ class CodeIndex:
         pos = snap.rowid_order[np.searchsorted(sorted_rids, rids)]
         return np.sort(pos)  # ascending positions keep the row-order tie-break
 
-    def search(
+    def search_positions(
         self, query_codes: npt.ArrayLike, k: int = 10, *, where: str | None = None
-    ) -> list[pa.Table]:
-        """Exact Hamming top-``k`` for each query code; ties go to the earlier row.
-
-        Returns one table per query: ``rank``, ``distance`` and the metadata columns.
-        ``where`` is a SQL filter over metadata columns (see :func:`where_clause`).
-        """
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]:
+        """Exact top-``k`` row positions and distances (m, k) in the current snapshot; ``-1`` pads."""
         q = as_codes(query_codes, self.encoder.bits)
         t0 = time.perf_counter()
         snap = self._snap()
@@ -240,6 +231,26 @@ class CodeIndex:
         else:
             idx, dist = topk_columns(snap.cols, to_words(q), k)
         obs.SEARCH_SECONDS.labels(path="exact").observe(time.perf_counter() - t0)
+        return idx, dist
+
+    def search_ids(
+        self, query_codes: npt.ArrayLike, k: int = 10, *, where: str | None = None
+    ) -> tuple[npt.NDArray[np.object_], npt.NDArray[np.int32]]:
+        """Exact top-``k`` item ids (``None`` pads) and distances, without reading metadata."""
+        idx, dist = self.search_positions(query_codes, k, where=where)
+        ids = self._snap().item_ids
+        out = np.asarray(ids[np.maximum(idx, 0)], dtype=object)
+        out[idx < 0] = None
+        return out, dist
+
+    def search(self, query_codes: npt.ArrayLike, k: int = 10, *, where: str | None = None) -> list[pa.Table]:
+        """Exact Hamming top-``k`` for each query code; ties go to the earlier row.
+
+        Returns one table per query: ``rank``, ``distance`` and the metadata columns.
+        ``where`` is a SQL filter over metadata columns (see :func:`where_clause`).
+        """
+        idx, dist = self.search_positions(query_codes, k, where=where)
+        snap = self._snap()
         return [self._hits(snap, i[i >= 0], d[i >= 0]) for i, d in zip(idx, dist, strict=True)]
 
     def _hits(self, snap: _Snapshot, pos: npt.NDArray[np.int64], dist: npt.NDArray[Any]) -> pa.Table:
@@ -317,7 +328,8 @@ def where_clause(filters: Mapping[str, object | Sequence[object]]) -> str | None
         if isinstance(value, (list, tuple, set)):
             parts.append(f"{col} IN ({', '.join(quote(v) for v in value)})")
         elif sch.METADATA_COLUMNS[col][0] in (pa.int64(), pa.float64()):
-            parts.append(f"{col} = {float(value) if col == 'mpp' else int(value)}")  # type: ignore[arg-type]
+            number = float(str(value)) if col == "mpp" else int(str(value))  # refuses anything non-numeric
+            parts.append(f"{col} = {number}")
         else:
             parts.append(f"{col} = {quote(value)}")
     return " AND ".join(parts) or None

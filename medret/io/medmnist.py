@@ -48,7 +48,9 @@ def read_medmnist(path: str | os.PathLike[str]) -> MedMNIST:
                 if lab.ndim == 2 and lab.shape[1] == 1:
                     lab = lab[:, 0]
                 if lab.ndim != 1:
-                    raise DataError(f"{p}: {s}_labels must be (N,) or (N, 1), got {lab.shape} (multi-label sets are not supported)")
+                    raise DataError(
+                        f"{p}: {s}_labels must be (N,) or (N, 1), got {lab.shape} (multi-label sets are not supported)"
+                    )
                 if im.ndim not in (3, 4) or (im.ndim == 4 and im.shape[3] != 3) or len(im) != len(lab):
                     raise DataError(f"{p}: {s}_images has shape {im.shape} for {len(lab)} labels")
                 images.append(im.astype(np.uint8, copy=False))

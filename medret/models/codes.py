@@ -44,9 +44,7 @@ def as_codes(codes: npt.ArrayLike, bits: int) -> npt.NDArray[np.uint8]:
         c = c[None, :]
     nbytes = code_bytes(bits)
     if c.dtype != np.uint8 or c.ndim != 2 or c.shape[1] != nbytes:
-        raise SchemaError(
-            f"codes must be uint8 of shape (n, {nbytes}) for {bits} bits, got {c.dtype} {c.shape}"
-        )
+        raise SchemaError(f"codes must be uint8 of shape (n, {nbytes}) for {bits} bits, got {c.dtype} {c.shape}")
     return np.ascontiguousarray(c)
 
 

@@ -112,6 +112,10 @@ class PCAITQ:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         with p.open("wb") as f:
-            np.savez(f, config=np.frombuffer(self.config.to_json().encode(), np.uint8),
-                     mean=self.mean, projection=self.projection)
+            np.savez(
+                f,
+                config=np.frombuffer(self.config.to_json().encode(), np.uint8),
+                mean=self.mean,
+                projection=self.projection,
+            )
         return self.config

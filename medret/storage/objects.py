@@ -184,7 +184,7 @@ def s3_client(cfg: S3Config | None = None) -> Any:
         "s3",
         endpoint_url=endpoint,
         config=Config(
-            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": cfg.max_attempts, "mode": "standard"},
             connect_timeout=cfg.connect_timeout_s,
             read_timeout=cfg.read_timeout_s,
             s3={"addressing_style": style},
@@ -283,7 +283,11 @@ class S3Store(ObjectStore):
 
     def write_bytes(self, key: str, data: bytes) -> ObjectInfo:
         put = self._call(
-            f"writing {self.uri_of(key)}", self.client.put_object, Bucket=self.root.bucket, Key=self._key(key), Body=data
+            f"writing {self.uri_of(key)}",
+            self.client.put_object,
+            Bucket=self.root.bucket,
+            Key=self._key(key),
+            Body=data,
         )
         return ObjectInfo(self.uri_of(key), key, len(data), put["ETag"].strip('"'))
 

@@ -58,7 +58,5 @@ def parse_uri(uri: str) -> StorageURI:
             return StorageURI("s3", bucket, path.strip("/"))
         if scheme == "file":
             return StorageURI("file", "", str(Path(rest).resolve()))
-        raise InvalidURIError(
-            f"unsupported URI scheme {scheme!r} in {uri!r}; use s3://bucket/prefix or a local path"
-        )
+        raise InvalidURIError(f"unsupported URI scheme {scheme!r} in {uri!r}; use s3://bucket/prefix or a local path")
     return StorageURI("file", "", str(Path(uri).expanduser().resolve()))

@@ -1,0 +1,1 @@
+"""The ``medret`` command line. Command modules import heavy libraries inside ``run``."""

@@ -1,0 +1,1 @@
+"""Jobs composed from the layers: storage -> io -> preprocess -> models -> index."""

@@ -1,0 +1,47 @@
+"""Shared fixtures: the real data folder, a real S3 server (SeaweedFS) on loopback."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from medret.config import S3Config
+from medret.eval.benchmarks import data_root
+from medret.storage.objects import S3Store
+from medret.storage.s3local import SeaweedS3
+from medret.storage.uri import parse_uri
+
+_bucket_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    root = data_root()
+    if not (root / "MANIFEST.tsv").is_file():
+        pytest.fail(f"test data not found at {root}; put ../shared/data beside the repo or set MEDRET_DATA")
+    return root
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), access_key="medret-test", secret_key="s3cr3t-test")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_config(s3_server: SeaweedS3) -> S3Config:
+    return s3_server.config()
+
+
+@pytest.fixture
+def s3_bucket(s3_config: S3Config) -> str:
+    """A fresh, empty bucket for one test."""
+    name = f"t{os.getpid()}-{next(_bucket_ids)}"
+    S3Store(parse_uri(f"s3://{name}"), s3_config).ensure_bucket()
+    return name

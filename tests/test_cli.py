@@ -1,0 +1,91 @@
+"""The command line as users run it: a real subprocess each time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+
+MEDRET = [sys.executable, "-m", "medret.cli.main"]
+
+
+def run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MEDRET, *args], capture_output=True, text=True, timeout=300, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def test_help_imports_nothing_heavy() -> None:
+    code = (
+        "import sys; from medret.cli.main import build_parser; build_parser().format_help(); "
+        "heavy = [m for m in ('ray', 'torch', 'lancedb', 'numba', 'boto3', 'pyarrow') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    for args in ([], ["demo"], ["dev", "s3"]):
+        res = run(*args, "--help")
+        assert res.returncode == 0 and "usage: medret" in res.stdout
+
+
+def test_bad_config_value_is_a_clear_error(tmp_path: Path) -> None:
+    res = run("demo", "--bits", "50", "--out", str(tmp_path))
+    assert res.returncode == 1
+    assert "bits" in res.stderr and "50" in res.stderr and "multiple of 8" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_demo_indexes_and_evaluates(tmp_path: Path, data_dir: Path) -> None:
+    out = tmp_path / "out"
+    res = run("demo", "--json", "--bits", "32", "--out", str(out), "--index", str(tmp_path / "index"))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["index"]["rows"] == 13246
+    assert summary["counts"] == {"train": 39737, "val": 6623, "gallery": 13246, "query": 6634}
+    micro = summary["metrics"]["micro"]
+    assert micro["mAP@100"] > 0.5 and set(summary["metrics"]["per_organ"]) == {"breast", "retina", "chest", "abdomen"}
+    assert len(summary["samples"]) == 4 and len(summary["samples"][0]["hits"]) == 10
+    assert (out / "config.resolved.yaml").is_file() and (out / "medmnist_index.json").is_file()
+    # the human-readable form
+    res = run("demo", "--bits", "16", "--out", str(out), "--index", str(tmp_path / "index"))
+    assert res.returncode == 0, res.stderr
+    assert "macro (organ mean)" in res.stdout and "mAP@100" in res.stdout
+
+
+def test_dev_s3_serves_until_interrupted(tmp_path: Path) -> None:
+    from medret.storage.s3local import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [*MEDRET, "dev", "s3", "--dir", str(tmp_path / "s3"), "--port", str(port), "--bucket", "scans"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert f"127.0.0.1:{port}" in line
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            aws_access_key_id="medret",
+            aws_secret_access_key="medret-secret",
+            region_name="us-east-1",
+        )
+        s3.put_object(Bucket="scans", Key="a.dcm", Body=b"x")
+        assert [o["Key"] for o in s3.list_objects_v2(Bucket="scans")["Contents"]] == ["a.dcm"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    time.sleep(0.5)
+    assert proc.returncode in (0, 130)
+    # the server went with it
+    import socket
+
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+    assert os.path.isdir(tmp_path / "s3")
