@@ -89,3 +89,15 @@ def test_dev_s3_serves_until_interrupted(tmp_path: Path) -> None:
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
     assert os.path.isdir(tmp_path / "s3")
+
+
+def test_job_entrypoint(tmp_path: Path, data_dir: Path) -> None:
+    job = Path(__file__).resolve().parents[1] / "jobs" / "medmnist_index.py"
+    res = subprocess.run(
+        [sys.executable, str(job), "bits=16", f"out={tmp_path}", f"index.uri={tmp_path / 'idx'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout[res.stdout.index("{") :])["index"]["rows"] == 13246
