@@ -59,8 +59,8 @@ def weed_binary() -> str:
 class SeaweedS3:
     """Start and stop ``weed mini`` on loopback. Usage::
 
-        with SeaweedS3("/tmp/s3data") as server:
-            store = open_store("s3://bucket/x", server.config())
+    with SeaweedS3("/tmp/s3data") as server:
+        store = open_store("s3://bucket/x", server.config())
     """
 
     def __init__(
