@@ -6,8 +6,6 @@ opened table says exactly how its codes were made.
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 
 from medret.errors import SchemaError
@@ -86,7 +84,3 @@ def conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
             raise SchemaError(f"column {field.name!r} cannot be stored as {field.type}: {err}") from err
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def extra_json(value: dict[str, object] | None) -> str | None:
-    return None if not value else json.dumps(value, sort_keys=True, default=str)
