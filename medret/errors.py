@@ -61,3 +61,47 @@ class SchemaError(IndexError_, ValueError):
 
 class DataError(MedretError, ValueError):
     """An input data file is malformed (names the file and what is wrong)."""
+
+
+class ReadError(DataError):
+    """A reader could not decode a file; the message names the file and the reason.
+
+    ``source`` is the file name or URI, ``reason`` the problem in a few words.
+    """
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class EmptyFileError(ReadError):
+    """The file has zero bytes."""
+
+
+class TruncatedFileError(ReadError):
+    """The file ends before the data it declares."""
+
+
+class CorruptFileError(ReadError):
+    """The bytes are not a valid file of the kind they claim to be."""
+
+
+class UnsupportedFormatError(ReadError):
+    """No reader knows this kind of file."""
+
+
+class NotAnImageError(ReadError):
+    """A valid file that holds no image (a DICOM SR or RT plan, for example)."""
+
+
+class PixelBudgetError(ReadError):
+    """The declared image is larger than the configured pixel budget (decompression bomb guard)."""
+
+
+class MissingSpacingError(ReadError):
+    """The physical pixel size (mpp or mm) is missing and the caller gave none."""
+
+
+class PreprocessError(DataError):
+    """A preprocessing step failed on a decoded image (names the step and the input)."""
