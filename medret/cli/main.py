@@ -13,6 +13,7 @@ from medret.errors import MedretError
 
 # command -> (module, one-line help). Modules expose add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("medret.cli.inspect", "decode any supported file and show what medret sees in it"),
     "demo": ("medret.cli.demo", "index the medmnist-4 gallery, answer sample queries, print the evaluation"),
     "dev": ("medret.cli.dev", "developer tools: a local S3 server"),
 }

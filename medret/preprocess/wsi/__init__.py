@@ -1,0 +1,1 @@
+"""Whole-slide preprocessing: tissue masks, tile grids at a target mpp, stain normalisation."""
