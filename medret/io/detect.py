@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from medret.errors import EmptyFileError, UnsupportedFormatError
+from medret.errors import CorruptFileError, EmptyFileError, UnsupportedFormatError
 
 #: How many leading bytes :func:`detect_kind` wants (DICOM's magic sits at offset 128).
 HEAD_BYTES = 352
@@ -26,6 +26,19 @@ HEAD_BYTES = 352
 WSI_SUFFIXES = {".svs", ".ndpi", ".qptiff", ".scn", ".bif", ".mrxs", ".vms", ".vmu", ".svslide"}
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"GIF8")
+KNOWN_SUFFIXES = WSI_SUFFIXES | {
+    ".dcm",
+    ".dicom",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".bmp",
+    ".nii",
+    ".nii.gz",
+    ".npz",
+}
 _ACR_NEMA_GROUPS = {0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028}
 
 
@@ -65,6 +78,10 @@ def detect_kind(name: str, head: bytes) -> str:
         return "medmnist"
     if last in {".dcm", ".dicom", ""} and _looks_like_bare_dicom(head):
         return "dicom"
+    if last in KNOWN_SUFFIXES or suffix in KNOWN_SUFFIXES:
+        raise CorruptFileError(
+            name, f"named like a {suffix or last} file, but its content is not one (first bytes {head[:8].hex()})"
+        )
     raise UnsupportedFormatError(name, f"no reader for this file (extension {last!r}, first bytes {head[:8].hex()})")
 
 

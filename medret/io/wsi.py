@@ -266,7 +266,7 @@ def _open_dicom(path: str) -> Slide:
     mpp = None
     shared = ds.get("SharedFunctionalGroupsSequence")
     try:
-        spacing = shared[0].PixelMeasuresSequence[0].PixelSpacing  # type: ignore[index]
+        spacing = shared[0].PixelMeasuresSequence[0].PixelSpacing
         mpp = (float(spacing[1]) * 1000.0, float(spacing[0]) * 1000.0)
     except (AttributeError, IndexError, TypeError, KeyError):
         if ds.get("ImagedVolumeWidth") and ds.get("ImagedVolumeHeight"):

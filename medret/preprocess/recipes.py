@@ -43,7 +43,7 @@ def xray(decoded: Decoded, *, input_size: tuple[int, int] = (224, 224)) -> list[
         else:
             unit = invert_monochrome1(apply_voi(frame, decoded.display), decoded.display.photometric)
         image, spacing = resize_aspect(unit, input_size, decoded.spacing)
-        meta = {"frame": i} if decoded.frames > 1 else {}
+        meta: dict[str, Any] = {"frame": i} if decoded.frames > 1 else {}
         if spacing:
             meta["spacing_mm"] = [round(s, 5) for s in spacing]
         out.append(Prepared(image, f"#frame={i}" if decoded.frames > 1 else "", meta))
