@@ -18,7 +18,8 @@ def apply_voi(
     """Map modality values to [0, 1] by the VOI LUT, else the first window, else percentile windowing.
 
     >>> import numpy as np
-    >>> apply_voi(np.array([0.0, 50.0, 100.0]), Display(window_center=(50.0,), window_width=(101.0,))).tolist()
+    >>> d = Display(window_center=(50.0,), window_width=(100.0,))
+    >>> [float(v) for v in apply_voi(np.array([-10.0, 49.5, 200.0]), d)]
     [0.0, 0.5, 1.0]
     """
     x = np.asarray(pixels, dtype=np.float32)
@@ -67,7 +68,7 @@ def resize_aspect(
 
     >>> import numpy as np
     >>> out, sp = resize_aspect(np.ones((100, 50), np.float32), (28, 28), (0.2, 0.2))
-    >>> out.shape, out[:, :7].max(), out[:, 7:21].min(), sp
+    >>> out.shape, float(out[:, :7].max()), float(out[:, 7:21].min()), sp
     ((28, 28), 0.0, 1.0, (0.7142857142857143, 0.7142857142857143))
     """
     from PIL import Image
