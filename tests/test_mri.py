@@ -159,6 +159,10 @@ def test_skull_strip_tcga_t1c(data_dir: Path) -> None:
     assert dice(result.mask, truth) >= 0.85
     assert result.slices.shape[0] == 4 and np.isfinite(result.slices).all()
     assert set(result.timings) >= {"reorient", "register", "skull_strip", "n4", "normalize", "slices"}
+    from medret.preprocess.recipes import RECIPES
+
+    prepared = RECIPES.get("mri-brain")(vol, input_size=(64, 64))
+    assert len(prepared) == 4 and all(p.image.shape == (64, 64) for p in prepared)
 
 
 def _cfg(orientation: str):  # type: ignore[no-untyped-def]

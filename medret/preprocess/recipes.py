@@ -61,3 +61,37 @@ def medmnist(decoded: Decoded, *, input_size: tuple[int, int] = (28, 28)) -> lis
         unit = (frame.astype(np.float32) / float(np.iinfo(frame.dtype).max)).astype(np.float32)
     image, _ = resize_aspect(unit, input_size)
     return [Prepared(image)]
+
+
+@RECIPES.register("mri-brain")
+def mri_brain(volume: Any, *, input_size: tuple[int, int] = (128, 128), template: str = "robex") -> list[Prepared]:
+    """The brain recipe (:mod:`medret.preprocess.mri`); one input per axial level in template space."""
+    from medret.preprocess.mri.recipe import MRIRecipeConfig, describe, load_template, preprocess_brain
+
+    cfg = MRIRecipeConfig(template=template)
+    result = preprocess_brain(volume, load_template(cfg.template, cfg.orientation), cfg)
+    summary = describe(result)
+    out = []
+    for level, plane in zip(cfg.levels, result.slices, strict=True):
+        image, _ = resize_aspect(plane, input_size)
+        out.append(Prepared(image, f"#level={level}", {"level": level, "timings_cpu_s": summary["timings_cpu_s"]}))
+    return out
+
+
+@RECIPES.register("wsi-tiles")
+def wsi_tiles(
+    slide: Any, *, input_size: tuple[int, int] = (224, 224), mpp: float = 0.5, min_tissue: float = 0.5
+) -> list[Prepared]:
+    """Tissue tiles at ``mpp`` (:mod:`medret.preprocess.wsi`), grey in [0, 1]; tile position in the suffix."""
+    from medret.preprocess.wsi.tiling import iter_tiles, tile_grid
+
+    size = input_size[0]
+    specs = tile_grid(slide, tile_size=size, mpp=mpp, min_tissue=min_tissue)
+    return [
+        Prepared(
+            to_grey(colour_to_unit(t.image)),
+            f"#x={t.x}&y={t.y}",
+            {"slide_id": t.slide_id, "tile_x": t.x, "tile_y": t.y, "mpp": t.mpp, "tissue": t.tissue},
+        )
+        for t in iter_tiles(slide, specs, tile_size=size, mpp=mpp, min_tissue=min_tissue)
+    ]
