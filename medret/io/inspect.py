@@ -84,11 +84,12 @@ def inspect_file(
     if kind == "dicom":
         from medret.io.dicom import WSI_SOP_CLASS, parse_dicom, read_dicom
 
-        header = parse_dicom(p.read_bytes(), label, stop_before_pixels=True)
+        raw = p.read_bytes()  # read once: the header check and the decode share it
+        header = parse_dicom(raw, label, stop_before_pixels=True)
         if str(header.get("SOPClassUID", "")) == WSI_SOP_CLASS:
             kind = out["kind"] = "wsi"
         else:
-            d = read_dicom(p, name=label, pixel_budget=pixel_budget)
+            d = read_dicom(raw, name=label, pixel_budget=pixel_budget)
             out.update(reader=d.reader, **_decoded(d))
     if kind == "raster":
         from medret.io.raster import read_raster

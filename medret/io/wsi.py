@@ -171,47 +171,35 @@ def _power(value: Any) -> float | None:
         return None
 
 
+def _from_openslide_api(s: Any, path: str, backend: str, read: Region) -> Slide:
+    """A :class:`Slide` over any object with OpenSlide's API (OpenSlide itself, tiffslide)."""
+    props = s.properties
+    return Slide(
+        path=path,
+        backend=backend,
+        level_dimensions=[tuple(d) for d in s.level_dimensions],
+        level_downsamples=[float(d) for d in s.level_downsamples],
+        mpp=_mpp_from(props, backend),
+        objective_power=_power(props.get(f"{backend}.objective-power")),
+        vendor=props.get(f"{backend}.vendor"),
+        _read=read,
+        _close=s.close,
+    )
+
+
 def _open_openslide(path: str) -> Slide:
     import openslide
 
     s = openslide.OpenSlide(path)
-    props = s.properties
-
-    def read(loc: tuple[int, int], level: int, size: tuple[int, int]) -> npt.NDArray[np.uint8]:
-        return _rgb(s.read_region(loc, level, size))
-
-    return Slide(
-        path=path,
-        backend="openslide",
-        level_dimensions=[tuple(d) for d in s.level_dimensions],  # type: ignore[misc]
-        level_downsamples=[float(d) for d in s.level_downsamples],
-        mpp=_mpp_from(props, "openslide"),
-        objective_power=_power(props.get("openslide.objective-power")),
-        vendor=props.get("openslide.vendor"),
-        _read=read,
-        _close=s.close,
-    )
+    return _from_openslide_api(s, path, "openslide", lambda loc, level, size: _rgb(s.read_region(loc, level, size)))
 
 
 def _open_tiffslide(path: str) -> Slide:
     import tiffslide
 
     s = tiffslide.TiffSlide(path)
-    props = s.properties
-
-    def read(loc: tuple[int, int], level: int, size: tuple[int, int]) -> npt.NDArray[np.uint8]:
-        return _rgb(s.read_region(loc, level, size, as_array=True))
-
-    return Slide(
-        path=path,
-        backend="tiffslide",
-        level_dimensions=[tuple(d) for d in s.level_dimensions],  # type: ignore[misc]
-        level_downsamples=[float(d) for d in s.level_downsamples],
-        mpp=_mpp_from(props, "tiffslide"),
-        objective_power=_power(props.get("tiffslide.objective-power")),
-        vendor=props.get("tiffslide.vendor"),
-        _read=read,
-        _close=s.close,
+    return _from_openslide_api(
+        s, path, "tiffslide", lambda loc, level, size: _rgb(s.read_region(loc, level, size, as_array=True))
     )
 
 

@@ -143,6 +143,14 @@ def _best_start(fixed: Any, moving: Any, init: Any, cfg: RegistrationConfig, reg
     return start
 
 
+def _with_params_of(dst: Any, src: Any) -> Any:
+    """``dst`` set to the same centre, matrix and translation as ``src`` (a more general transform)."""
+    dst.SetCenter(src.GetCenter())
+    dst.SetMatrix(src.GetMatrix())
+    dst.SetTranslation(src.GetTranslation())
+    return dst
+
+
 def register(
     subject: Volume, template: Volume, cfg: RegistrationConfig | None = None, *, template_mask: Volume | None = None
 ) -> Registration:
@@ -167,17 +175,11 @@ def register(
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), mode)
     try:
         start = _best_start(fixed, moving, init, cfg, region)
-        similarity = sitk.Similarity3DTransform()
-        similarity.SetCenter(start.GetCenter())
-        similarity.SetMatrix(start.GetMatrix())
-        similarity.SetTranslation(start.GetTranslation())
+        similarity = _with_params_of(sitk.Similarity3DTransform(), start)
         rigid_reg = _method(cfg, cfg.rigid_iterations, region)
         rigid_reg.SetInitialTransform(similarity, inPlace=True)
         rigid_reg.Execute(fixed, moving)
-        affine = sitk.AffineTransform(3)
-        affine.SetMatrix(similarity.GetMatrix())
-        affine.SetTranslation(similarity.GetTranslation())
-        affine.SetCenter(similarity.GetCenter())
+        affine = _with_params_of(sitk.AffineTransform(3), similarity)
         affine_reg = _method(cfg, cfg.affine_iterations, region)
         affine_reg.SetInitialTransform(affine, inPlace=True)
         affine_reg.Execute(fixed, moving)
