@@ -45,3 +45,13 @@ def s3_bucket(s3_config: S3Config) -> str:
     name = f"t{os.getpid()}-{next(_bucket_ids)}"
     S3Store(parse_uri(f"s3://{name}"), s3_config).ensure_bucket()
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for the session, sized like the CI machine (2 CPUs)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2)
+    yield
+    ray.shutdown()

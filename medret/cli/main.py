@@ -14,6 +14,8 @@ from medret.errors import MedretError
 # command -> (module, one-line help). Modules expose add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("medret.cli.inspect", "decode any supported file and show what medret sees in it"),
+    "train": ("medret.cli.train", "train a hashing encoder with Ray Train (DDP) and export the best epoch"),
+    "evaluate": ("medret.cli.evaluate", "score encoders on medmnist-4 or your own .npz files; tables, JSON, plots"),
     "demo": ("medret.cli.demo", "index the medmnist-4 gallery, answer sample queries, print the evaluation"),
     "dev": ("medret.cli.dev", "developer tools: a local S3 server"),
 }

@@ -8,6 +8,7 @@ identical preprocessing and encoder from it. Two configs with the same
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ class EncoderConfig(Frozen):
     """Everything needed to reproduce a code from an image."""
 
     name: str = Field(description="registered encoder name, e.g. 'pca-itq'")
+    architecture: str = Field(default="", description="registered backbone; its arguments in extra['arch']")
     bits: int = Field(ge=8, le=1024)
     input_size: tuple[int, int] = (28, 28)
     channels: int = Field(default=1, ge=1, le=4)
@@ -88,4 +90,9 @@ def load_encoder(path: str | os.PathLike[str]) -> Encoder:
             config = EncoderConfig.from_json(bytes(z["config"]))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
         raise DataError(f"{p}: not a medret encoder checkpoint: {err}") from err
+    if config.name not in ENCODERS and config.name in _LAZY:
+        importlib.import_module(_LAZY[config.name])  # registers it (and imports torch only now)
     return ENCODERS.get(config.name)(path=p)
+
+
+_LAZY = {"hashnet": "medret.models.hashnet"}

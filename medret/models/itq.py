@@ -27,6 +27,25 @@ def _digest(*arrays: npt.NDArray[Any]) -> str:
     return h.hexdigest()
 
 
+def itq_projection(
+    x: npt.NDArray[np.float32], bits: int, *, iterations: int = 50, seed: int = 0
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """``(mean, projection)`` so that ``sign((x - mean) @ projection)`` is the ITQ code of ``x`` (n, d)."""
+    mean = x.mean(axis=0)
+    xc = x - mean
+    cov = (xc.T @ xc) / len(xc)
+    evals, evecs = np.linalg.eigh(cov.astype(np.float64))
+    pca = evecs[:, np.argsort(evals)[::-1][:bits]]
+    v = xc @ pca
+    rng = np.random.default_rng(seed)
+    rot, _ = np.linalg.qr(rng.standard_normal((bits, bits)))
+    for _ in range(iterations):  # alternate B = sign(VR) and orthogonal Procrustes for R
+        b = np.where(v @ rot >= 0, 1.0, -1.0)
+        u, _, wt = np.linalg.svd(v.T @ b)
+        rot = u @ wt
+    return mean.astype(np.float32), (pca @ rot).astype(np.float32)
+
+
 @ENCODERS.register("pca-itq")
 class PCAITQ:
     """Project centred pixels on the top principal axes, rotate, take signs."""
@@ -63,20 +82,7 @@ class PCAITQ:
         x = cls._flatten(images)
         if bits % 8 or not 8 <= bits <= min(x.shape):
             raise ConfigError(f"bits must be a multiple of 8 between 8 and {min(x.shape)}, got {bits}")
-        mean = x.mean(axis=0)
-        xc = x - mean
-        cov = (xc.T @ xc) / len(xc)
-        evals, evecs = np.linalg.eigh(cov.astype(np.float64))
-        pca = evecs[:, np.argsort(evals)[::-1][:bits]]
-        v = xc @ pca
-        rng = np.random.default_rng(seed)
-        rot, _ = np.linalg.qr(rng.standard_normal((bits, bits)))
-        for _ in range(iterations):  # alternate B = sign(VR) and orthogonal Procrustes for R
-            b = np.where(v @ rot >= 0, 1.0, -1.0)
-            u, _, wt = np.linalg.svd(v.T @ b)
-            rot = u @ wt
-        projection = (pca @ rot).astype(np.float32)
-        mean32 = mean.astype(np.float32)
+        mean32, projection = itq_projection(x, bits, iterations=iterations, seed=seed)
         h, w = images.shape[1:3]
         config = EncoderConfig(
             name="pca-itq",

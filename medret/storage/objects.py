@@ -341,3 +341,31 @@ def lance_storage_options(uri: str, s3: S3Config | None = None) -> dict[str, str
         opts["aws_access_key_id"] = key
         opts["aws_secret_access_key"] = secret
     return opts
+
+
+def arrow_filesystem(uri: str, s3: S3Config | None = None) -> tuple[Any, str]:
+    """``(pyarrow filesystem, path on it)`` for ``uri``, with the same settings as :func:`s3_client`.
+
+    This is what Ray Train's ``storage_filesystem`` takes for an ``s3://`` storage path.
+    """
+    import pyarrow.fs as pafs
+
+    parsed = parse_uri(uri)
+    if not parsed.is_s3:
+        return pafs.LocalFileSystem(), parsed.path
+    cfg = s3 or S3Config()
+    endpoint = cfg.resolved_endpoint()
+    kwargs: dict[str, Any] = {
+        "region": cfg.region,
+        "connect_timeout": cfg.connect_timeout_s,
+        "request_timeout": cfg.read_timeout_s,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts),
+    }
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host, scheme=scheme, force_virtual_addressing=cfg.addressing_style == "virtual")
+    key = cfg.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = cfg.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret)
+    return pafs.S3FileSystem(**kwargs), f"{parsed.bucket}/{parsed.path}".rstrip("/")

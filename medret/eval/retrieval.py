@@ -1,0 +1,84 @@
+"""Score an encoder on a retrieval split: encode gallery and queries, rank by Hamming, measure."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from medret.eval.benchmarks import Part, RetrievalSplit
+from medret.eval.metrics import average_precision_at_k, retrieval_metrics
+from medret.index.search import topk
+from medret.models.encoder import Encoder
+
+
+def hamming_rank(query_codes: npt.NDArray[np.uint8], gallery_codes: npt.NDArray[np.uint8], k: int) -> Any:
+    """(q, k) gallery positions by Hamming distance, ties to the earlier gallery item."""
+    return topk(gallery_codes, query_codes, min(k, len(gallery_codes)))[0]
+
+
+def score(ranked: npt.NDArray[np.int64], split: RetrievalSplit, ks: tuple[int, ...]) -> dict[str, Any]:
+    g, q = split["gallery"], split["query"]
+    if ranked.shape[1] < max(ks):  # a gallery smaller than k: pad with -1
+        ranked = np.pad(ranked, ((0, 0), (0, max(ks) - ranked.shape[1])), constant_values=-1)
+    return retrieval_metrics(
+        ranked,
+        query_organ=q.organ,
+        query_label=q.label,
+        gallery_organ=g.organ,
+        gallery_label=g.label,
+        organs=split.organs,
+        ks=ks,
+    )
+
+
+def evaluate_encoder(
+    encoder: Encoder, split: RetrievalSplit, *, ks: tuple[int, ...] = (10, 100, 1000), rerank: bool = False
+) -> dict[str, Any]:
+    """Metrics of ``encoder`` on the split's gallery and queries; ``rerank`` adds the two-stage ranking."""
+    t0 = time.perf_counter()
+    g_codes = encoder.encode(split["gallery"].images)
+    q_codes = encoder.encode(split["query"].images)
+    t_encode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ranked = hamming_rank(q_codes, g_codes, max(ks))
+    t_search = time.perf_counter() - t0
+    out: dict[str, Any] = {
+        "encoder_id": encoder.config.encoder_id,
+        "bits": encoder.config.bits,
+        "method": encoder.config.method,
+        "hamming": score(ranked, split, ks),
+        "encode_images_per_s": (len(g_codes) + len(q_codes)) / t_encode,
+        "search_ms_per_query": 1000 * t_search / max(1, len(q_codes)),
+        "codes": {"gallery": g_codes, "query": q_codes, "ranked": ranked},
+    }
+    if rerank:
+        from medret.methods.clshash import rerank as rerank_fn
+
+        gf = encoder.forward_features(split["gallery"].images)
+        qf = encoder.forward_features(split["query"].images)
+        reranked = rerank_fn(q_codes, g_codes, qf, gf, k=max(ks), candidates=max(ks))
+        out["reranked"] = score(reranked, split, ks)
+    return out
+
+
+def leave_one_out_map(
+    codes: npt.NDArray[np.uint8], labels: npt.NDArray[np.int64], n_queries: int, k: int = 100
+) -> float:
+    """Strict mAP@k of the first ``n_queries`` items against all the others (a cheap validation score)."""
+    n_queries = min(n_queries, len(codes))
+    if n_queries == 0:
+        return 0.0
+    ranked = hamming_rank(codes[:n_queries], codes, k + 1)
+    rows = []
+    for i, row in enumerate(ranked):
+        rows.append(row[row != i][:k])
+    r = np.array(rows)
+    rel = labels[r] == labels[:n_queries, None]
+    return float(average_precision_at_k(rel, k).mean())
+
+
+def part_labels(part: Part, offsets: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    return offsets[part.organ] + part.label

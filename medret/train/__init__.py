@@ -1,0 +1,1 @@
+"""Distributed training of hashing encoders with Ray Train (``TorchTrainer``, DDP)."""

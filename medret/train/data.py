@@ -1,0 +1,105 @@
+"""Training data for the workers: the split, organ-balanced sampling, augmentation. Pure torch/numpy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from medret.eval.benchmarks import Part, RetrievalSplit, medmnist4, split_from_files
+from medret.methods.base import TaskInfo
+
+
+def load_split(data: Sequence[str]) -> RetrievalSplit:
+    """``["medmnist-4"]`` or a list of MedMNIST-layout ``.npz`` paths."""
+    if list(data) == ["medmnist-4"]:
+        return medmnist4()
+    return split_from_files(list(data))
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Combined (organ, class) labels: ``offsets[organ] + class``."""
+
+    offsets: npt.NDArray[np.int64]
+    n_classes: int
+
+    @classmethod
+    def of(cls, split: RetrievalSplit) -> Labels:
+        sizes = []
+        for oi in range(len(split.organs)):
+            classes = [split[p].label[split[p].organ == oi] for p in ("train", "val", "gallery", "query")]
+            sizes.append(int(max((c.max() for c in classes if len(c)), default=-1)) + 1)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        return cls(offsets, int(sum(sizes)))
+
+    def combined(self, part: Part) -> npt.NDArray[np.int64]:
+        return self.offsets[part.organ] + part.label
+
+
+def task_info(split: RetrievalSplit, bits: int, fine_bits: int = 0) -> TaskInfo:
+    images = split["train"].images
+    channels = 1 if images.ndim == 3 else images.shape[3]
+    return TaskInfo(
+        bits=bits,
+        n_classes=Labels.of(split).n_classes,
+        n_organs=len(split.organs),
+        channels=channels,
+        input_size=(images.shape[1], images.shape[2]),
+        fine_bits=fine_bits,
+    )
+
+
+def epoch_indices(organ: npt.NDArray[np.int64], *, balance: float, samples: int, seed: int) -> npt.NDArray[np.int64]:
+    """Indices for one epoch, drawn with replacement so that organ ``o`` has weight ``n_o ** (1 - balance)``.
+
+    ``balance`` 0 keeps the natural mix (a permutation, no replacement); 1 makes organs equally likely.
+
+    >>> idx = epoch_indices(np.array([0] * 90 + [1] * 10), balance=1.0, samples=1000, seed=0)
+    >>> 400 < int((idx >= 90).sum()) < 600
+    True
+    """
+    rng = np.random.default_rng(seed)
+    if balance == 0:
+        base = rng.permutation(len(organ))
+        reps = math.ceil(samples / len(organ))
+        return np.concatenate([base] + [rng.permutation(len(organ)) for _ in range(reps - 1)])[:samples]
+    counts = np.bincount(organ)
+    w = np.power(counts[organ].astype(np.float64), -balance)
+    return rng.choice(len(organ), size=samples, replace=True, p=w / w.sum())
+
+
+def batches(
+    indices: npt.NDArray[np.int64], *, batch_size: int, rank: int, world: int
+) -> Iterator[npt.NDArray[np.int64]]:
+    """This worker's share of every global batch (the last partial batch is dropped)."""
+    per = batch_size // world
+    for start in range(0, len(indices) - batch_size + 1, batch_size):
+        yield indices[start + rank * per : start + (rank + 1) * per]
+
+
+def to_tensor(images: npt.NDArray[np.uint8]) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255)
+    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, *, shift: float = 0.1, rotate: float = 10.0) -> torch.Tensor:
+    """Small random translation, rotation, scale and contrast. No flips: left and right organs differ."""
+    n = len(x)
+    u = torch.rand(n, 5, generator=generator) * 2 - 1
+    angle = u[:, 0] * math.radians(rotate)
+    scale = 1 + 0.1 * u[:, 1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, u[:, 2] * shift * 2], 1), torch.stack([sin, cos, u[:, 3] * shift * 2], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    gain = (1 + 0.15 * u[:, 4])[:, None, None, None]
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * gain + mean).clamp_(0, 1)

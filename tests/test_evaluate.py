@@ -1,0 +1,95 @@
+"""``medret evaluate`` on user .npz files and the shipped encoder; ONNX parity on real images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medret.cli.main import main
+from medret.eval.benchmarks import split_from_files
+from medret.eval.plots import map_curve, pr_by_radius
+from medret.eval.retrieval import evaluate_encoder
+from medret.models.hashnet import TorchHashEncoder
+from medret.models.onnx import OnnxEncoder, export_onnx
+from medret.models.pretrained import resolve_encoder, shipped
+
+
+def files(data_dir: Path) -> list[str]:
+    return [str(data_dir / "medmnist" / f) for f in ("breastmnist.npz", "pneumoniamnist.npz")]
+
+
+def test_evaluate_cli_json_and_plots(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plots = tmp_path / "plots"
+    code = main(["evaluate", "pca-itq:16", "default", "--data", *files(data_dir), "--plots", str(plots), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["queries"] == 78 + 504
+    labels = [r["label"] for r in out["results"]]
+    assert labels == ["pca-itq-16b", "default-48b"]
+    for r in out["results"]:
+        assert set(r["hamming"]["per_organ"]) == {"breastmnist", "pneumoniamnist"}
+        for key in ("mAP@10", "mAP@100", "mAP@1000", "P@10", "nDCG@100", "mAP@100 (organ)"):
+            assert 0.0 <= r["hamming"]["micro"][key] <= 1.0
+    # a trained encoder beats the training-free baseline on the strict metric
+    assert out["results"][1]["hamming"]["macro"]["mAP@100"] > out["results"][0]["hamming"]["macro"]["mAP@100"]
+    for name in ("pr.png", "map_at_k.png", "montage-default-48b.png", "montage-pca-itq-16b.png"):
+        assert (plots / name).stat().st_size > 10_000
+    curves = json.loads((plots / "curves.json").read_text())
+    assert len(curves["default-48b"]["precision"]) == 49
+
+
+def test_rerank_reports_both_rankings(data_dir: Path) -> None:
+    split = split_from_files(files(data_dir))
+    res = evaluate_encoder(resolve_encoder("default"), split, rerank=True)
+    assert set(res) >= {"hamming", "reranked"}
+    assert res["reranked"]["micro"]["mAP@100"] > 0.5
+
+
+def test_pr_and_map_curves_agree_with_brute_force(data_dir: Path) -> None:
+    split = split_from_files(files(data_dir)[:1])
+    enc = resolve_encoder("pca-itq:16", split["train"].images)
+    res = evaluate_encoder(enc, split)
+    g, q = split["gallery"], split["query"]
+    c = res["codes"]
+    rel = (g.organ[None] == q.organ[:, None]) & (g.label[None] == q.label[:, None])
+    prec, rec = pr_by_radius(c["query"], c["gallery"], lambda rows: rel[rows], 16, chunk=7)
+    d = np.bitwise_count(c["query"][:, None] ^ c["gallery"][None]).sum(2)
+    r = 5
+    within = d <= r
+    p_ref = np.mean([rel[i][within[i]].mean() if within[i].any() else 0.0 for i in range(len(q))])
+    r_ref = np.mean([rel[i][within[i]].sum() / max(1, rel[i].sum()) for i in range(len(q))])
+    assert prec[r] == pytest.approx(p_ref) and rec[r] == pytest.approx(r_ref)
+    assert rec[16] == pytest.approx(1.0)
+    curve = map_curve(c["ranked"], split, ks=(10, 100))
+    assert curve["micro"] == pytest.approx([res["hamming"]["micro"]["mAP@10"], res["hamming"]["micro"]["mAP@100"]])
+
+
+def test_default_encoder_is_shipped_with_its_config() -> None:
+    assert "default-48" in shipped()
+    enc = resolve_encoder("default")
+    assert isinstance(enc, TorchHashEncoder)
+    c = enc.config
+    assert (c.name, c.method, c.bits, c.input_size, c.preprocess) == ("hashnet", "default", 48, (28, 28), "medmnist")
+    assert len(c.weights_sha256) == 64
+
+
+def test_onnx_codes_equal_torch_codes_on_real_images(data_dir: Path, tmp_path: Path) -> None:
+    enc = resolve_encoder("default")
+    assert isinstance(enc, TorchHashEncoder)
+    split = split_from_files(files(data_dir))
+    images = np.concatenate([split["query"].images, split["gallery"].images[:400]])
+    path = export_onnx(enc, tmp_path / "default.onnx")
+    onnx_enc = OnnxEncoder(path)
+    assert onnx_enc.config == enc.config
+    np.testing.assert_array_equal(onnx_enc.encode(images), enc.encode(images))
+    np.testing.assert_allclose(onnx_enc.forward_features(images), enc.forward_features(images), atol=1e-4)
+
+
+def test_encoder_rejects_wrong_image_size() -> None:
+    from medret.errors import DataError
+
+    with pytest.raises(DataError, match=r"takes 28x28 images with 1 channel\(s\) \(recipe 'medmnist'\), got 64x64"):
+        resolve_encoder("default").encode(np.zeros((2, 64, 64), np.uint8))

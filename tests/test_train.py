@@ -1,0 +1,109 @@
+"""Every method trains through Ray Train with 2 CPU workers on a 2-CPU Ray, and resumes.
+
+Training runs on two small MedMNIST files given as a user's own data (breast and retina),
+so this also covers ``--data x.npz``: each file becomes an organ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medret.errors import ConfigError
+from medret.methods import METHODS
+from medret.models.encoder import load_encoder
+from medret.train.config import TrainConfig
+from medret.train.trainer import fit
+
+pytestmark = pytest.mark.slow
+
+
+def small_data(data_dir: Path) -> list[str]:
+    return [str(data_dir / "medmnist" / f) for f in ("breastmnist.npz", "retinamnist.npz")]
+
+
+def config(data_dir: Path, tmp_path: Path, method: str, epochs: int, **kw: object) -> TrainConfig:
+    return TrainConfig(
+        method=method,
+        bits=16,
+        data=small_data(data_dir),
+        epochs=epochs,
+        batch_size=32,
+        max_steps=8,
+        samples_per_epoch=512,
+        num_workers=2,
+        val_queries=100,
+        name=f"{method}-test",
+        storage_path=str(tmp_path / "runs"),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_method_trains_on_two_workers_and_resumes(method: str, ray_local: None, data_dir: Path, tmp_path: Path) -> None:
+    first = fit(config(data_dir, tmp_path, method, epochs=2))
+    assert [h["epoch"] for h in first.history] == [0, 1]
+    assert all(h["start_epoch"] == 0 for h in first.history)
+    # same name and storage: Ray Train hands the workers the latest checkpoint
+    second = fit(config(data_dir, tmp_path, method, epochs=4))
+    assert [h["epoch"] for h in second.history] == [0, 1, 2, 3]
+    assert [h["start_epoch"] for h in second.history[2:]] == [2, 2]
+    assert second.history[:2] == first.history  # history carried over, not retrained
+    losses = [h["loss"] for h in second.history]
+    assert losses[-1] < losses[0], losses
+    encoder = load_encoder(second.encoder_path)
+    assert encoder.config.method == method and encoder.config.bits == 16
+    assert encoder.config.extra["organs"] == ["breastmnist", "retinamnist"]
+    codes = encoder.encode(np.zeros((3, 28, 28), np.uint8))
+    assert codes.shape == (3, 2) and codes.dtype == np.uint8
+
+
+def test_requests_larger_than_the_cluster_fail_fast(ray_local: None, data_dir: Path, tmp_path: Path) -> None:
+    cfg = config(data_dir, tmp_path, "dnhn", epochs=1, cpus_per_worker=1.5)
+    with pytest.raises(ConfigError, match="needs 3 CPUs but the cluster has 2"):
+        fit(cfg)
+
+
+def test_unknown_method_and_hyperparameter_are_named(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown training method 'dsh'; known: clshash, default, dml, dnhn"):
+        TrainConfig(method="dsh")
+    from medret.methods.base import TaskInfo
+
+    cls = METHODS.get("dnhn")
+    with pytest.raises(ValueError, match=r"no hyperparameter\(s\) \['alpha3'\]; known: alpha1, alpha2, beta"):
+        cls(TaskInfo(bits=16, n_classes=4, n_organs=2), "lenet5", {}, {"alpha3": 1})
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    """``medret train`` killed with SIGKILL after its first checkpoint; the same command resumes."""
+    storage = tmp_path / "runs"
+    cmd = [
+        sys.executable, "-m", "medret.cli.main", "train", "--method", "dnhn", "--bits", "16",
+        "--data", *small_data(data_dir), "--epochs", "40", "--batch-size", "32", "--num-workers", "2",
+        "--name", "killed", "--storage", str(storage), "--set", "max_steps=10", "--set", "samples_per_epoch=320",
+        "--set", "val_queries=50", "--json",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list((storage / "killed").glob("checkpoint_*/meta.json"))) < 2:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((storage / "killed").glob("checkpoint_*/meta.json")))
+    assert done >= 2, "no checkpoint written before the deadline"
+    cmd[cmd.index("40")] = str(done + 1)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout[out.stdout.index("{") :])
+    history = result["history"]
+    assert len(history) == done + 1
+    assert history[-1]["start_epoch"] >= done - 1 >= 1  # resumed, not restarted
