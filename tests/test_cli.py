@@ -41,17 +41,21 @@ def test_bad_config_value_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_demo_indexes_and_evaluates(tmp_path: Path, data_dir: Path) -> None:
     out = tmp_path / "out"
-    res = run("demo", "--json", "--bits", "32", "--out", str(out), "--index", str(tmp_path / "index"))
+    res = run("demo", "--json", "--out", str(out), "--index", str(tmp_path / "index"))
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
+    assert summary["encoder"]["method"] == "default" and summary["encoder"]["bits"] == 48
     assert summary["index"]["rows"] == 13246
     assert summary["counts"] == {"train": 39737, "val": 6623, "gallery": 13246, "query": 6634}
     micro = summary["metrics"]["micro"]
-    assert micro["mAP@100"] > 0.5 and set(summary["metrics"]["per_organ"]) == {"breast", "retina", "chest", "abdomen"}
+    assert micro["mAP@100"] > 0.9 and set(summary["metrics"]["per_organ"]) == {"breast", "retina", "chest", "abdomen"}
     assert len(summary["samples"]) == 4 and len(summary["samples"][0]["hits"]) == 10
     assert (out / "config.resolved.yaml").is_file() and (out / "medmnist_index.json").is_file()
-    # the human-readable form
-    res = run("demo", "--bits", "16", "--out", str(out), "--index", str(tmp_path / "index"))
+    # a length the shipped encoder does not make is refused with the remedy
+    res = run("demo", "--bits", "32", "--out", str(out), "--index", str(tmp_path / "index"))
+    assert res.returncode == 1 and "makes 48-bit codes; use encoder 'pca-itq'" in res.stderr
+    # the human-readable form, with the training-free baseline
+    res = run("demo", "--encoder", "pca-itq", "--bits", "16", "--out", str(out), "--index", str(tmp_path / "index"))
     assert res.returncode == 0, res.stderr
     assert "macro (organ mean)" in res.stdout and "mAP@100" in res.stdout
 
@@ -94,7 +98,7 @@ def test_dev_s3_serves_until_interrupted(tmp_path: Path) -> None:
 def test_job_entrypoint(tmp_path: Path, data_dir: Path) -> None:
     job = Path(__file__).resolve().parents[1] / "jobs" / "medmnist_index.py"
     res = subprocess.run(
-        [sys.executable, str(job), "bits=16", f"out={tmp_path}", f"index.uri={tmp_path / 'idx'}"],
+        [sys.executable, str(job), "encoder=pca-itq", "bits=16", f"out={tmp_path}", f"index.uri={tmp_path / 'idx'}"],
         capture_output=True,
         text=True,
         timeout=300,

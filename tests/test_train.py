@@ -107,3 +107,21 @@ def test_killed_run_resumes_from_its_last_checkpoint(data_dir: Path, tmp_path: P
     history = result["history"]
     assert len(history) == done + 1
     assert history[-1]["start_epoch"] >= done - 1 >= 1  # resumed, not restarted
+
+
+@pytest.mark.s3
+def test_checkpoints_go_to_s3_and_resume_from_there(
+    ray_local: None, data_dir: Path, tmp_path: Path, s3_config: object, s3_bucket: str
+) -> None:
+    from medret.config import S3Config
+    from medret.storage.objects import open_store
+
+    assert isinstance(s3_config, S3Config)
+    kw = {"storage_path": f"s3://{s3_bucket}/runs", "s3": s3_config, "output": str(tmp_path / "out")}
+    cfg = config(data_dir, tmp_path, "clshash", epochs=1).model_copy(update=kw)
+    fit(cfg)
+    keys = [o.key for o in open_store(f"s3://{s3_bucket}/runs", s3_config).list()]
+    assert any(k.endswith("/encoder.npz") for k in keys) and any(k.endswith("/state.pt") for k in keys), keys
+    again = fit(cfg.model_copy(update={"epochs": 2}))
+    assert [h["start_epoch"] for h in again.history] == [0, 1]
+    assert (tmp_path / "out" / "encoder.npz").is_file()

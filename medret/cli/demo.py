@@ -18,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", help="index URI: local folder or s3://bucket/prefix (default: medret-out/index)")
     parser.add_argument("--table", help="table name (default: medmnist4)")
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// URIs")
-    parser.add_argument("--bits", type=int, help="code length in bits (default: 48)")
+    parser.add_argument(
+        "--encoder", help="'default' (shipped deep hashing encoder), an encoder.npz, or 'pca-itq' (fitted here)"
+    )
+    parser.add_argument("--bits", type=int, help="code length for --encoder pca-itq (default: 48)")
     parser.add_argument("--k", type=int, help="results per sample query (default: 10)")
     parser.add_argument(
         "--out", help="output folder for the encoder, resolved config and summary (default: medret-out)"
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             "index.uri": args.index,
             "index.table": args.table,
             "s3.endpoint_url": args.s3_endpoint,
+            "encoder": args.encoder,
             "bits": args.bits,
             "k": args.k,
             "out": args.out,

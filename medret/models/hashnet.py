@@ -183,6 +183,7 @@ class TorchHashEncoder:
 
     def _batches(self, images: npt.NDArray[Any], which: str) -> npt.NDArray[np.float32]:
         x = to_input(images, self.config)
+        self.module.eval()  # batch statistics never leak into codes, whatever touched the module before
         outs = []
         with torch.inference_mode():
             for i in range(0, len(x), self.batch_size):

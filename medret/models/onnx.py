@@ -30,7 +30,7 @@ def export_onnx(encoder: TorchHashEncoder, path: str | os.PathLike[str], *, opse
     p.parent.mkdir(parents=True, exist_ok=True)
     c = encoder.config
     example = torch.rand(2, c.channels, *c.input_size)
-    module = _FullCode(encoder.module.cpu().eval())
+    module = _FullCode(encoder.module.cpu().eval()).eval()
     torch.onnx.export(
         module,
         (example,),

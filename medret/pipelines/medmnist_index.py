@@ -19,7 +19,10 @@ from medret.config import Frozen, IndexConfig, S3Config, save_resolved
 from medret.eval.benchmarks import Part, RetrievalSplit, medmnist4, split_from_files
 from medret.eval.metrics import retrieval_metrics
 from medret.index.store import CodeIndex, connect
+from medret.errors import ConfigError
+from medret.models.encoder import Encoder, load_encoder
 from medret.models.itq import PCAITQ
+from medret.models.pretrained import encoder_path
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,12 @@ class MedmnistIndexConfig(Frozen):
     files: list[str] = Field(default_factory=list, description="MedMNIST-layout .npz files instead of medmnist-4")
     index: MedmnistTable = MedmnistTable()
     s3: S3Config = S3Config()
-    bits: int = Field(default=48, ge=8, le=256, multiple_of=8)
+    encoder: str = Field(
+        default="default",
+        description="'default' (the shipped deep hashing encoder), an encoder.npz or training folder, "
+        "or 'pca-itq' (the training-free baseline, fitted here at `bits`)",
+    )
+    bits: int | None = Field(default=None, ge=8, le=256, multiple_of=8, description="code length for pca-itq")
     k: int = Field(default=10, ge=1, le=1000)
     eval_k: list[int] = Field(default=[10, 100, 1000])
     sample_queries: int = Field(default=4, ge=0, le=100)
@@ -54,6 +62,22 @@ def item_ids(split: RetrievalSplit, part: Part) -> list[str]:
     return [f"{split.organs[o]}/{s}" for o, s in zip(part.organ, part.source, strict=True)]
 
 
+def _encoder(cfg: MedmnistIndexConfig, split: RetrievalSplit, out: Path) -> tuple[Encoder, Path]:
+    if cfg.encoder == "pca-itq":
+        fitted = PCAITQ.fit(split["train"].images, bits=cfg.bits or 48)
+        ckpt = out / "encoders" / f"{fitted.config.encoder_id}.npz"
+        fitted.save(ckpt)
+        return fitted, ckpt
+    ckpt = encoder_path(cfg.encoder)
+    encoder = load_encoder(ckpt)
+    if cfg.bits is not None and cfg.bits != encoder.config.bits:
+        raise ConfigError(
+            f"bits={cfg.bits} but encoder {cfg.encoder!r} makes {encoder.config.bits}-bit codes; "
+            "use encoder 'pca-itq' to fit one at another length, or a checkpoint trained at it"
+        )
+    return encoder, ckpt
+
+
 def run(cfg: MedmnistIndexConfig, *, progress: bool = True) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -67,11 +91,9 @@ def run(cfg: MedmnistIndexConfig, *, progress: bool = True) -> dict[str, Any]:
     _say(progress, f"loaded {', '.join(split.organs)}: " + ", ".join(f"{p} {n}" for p, n in counts.items()))
 
     t = time.perf_counter()
-    encoder = PCAITQ.fit(split["train"].images, bits=cfg.bits)
-    ckpt = out / "encoders" / f"{encoder.config.encoder_id}.npz"
-    encoder.save(ckpt)
+    encoder, ckpt = _encoder(cfg, split, out)
     timings["fit_s"] = time.perf_counter() - t
-    _say(progress, f"fitted {encoder.config.encoder_id} on {counts['train']} train images -> {ckpt}")
+    _say(progress, f"encoder {encoder.config.encoder_id} ({encoder.config.method}) -> {ckpt}")
 
     t = time.perf_counter()
     db = connect(cfg.index.uri, cfg.s3)
