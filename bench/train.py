@@ -44,10 +44,8 @@ def main() -> None:
             )
             r = fit(cfg)
             per = r.history[-1]["samples_per_s_worker"]
-            print(
-                f"| {args.method} | {n} | {cfg.cpus_per_worker or 'GPU'} CPU | {per:.0f} | {per * n:.0f} | {r.hardware} |",
-                flush=True,
-            )
+            res = f"{cfg.cpus_per_worker} CPU" if not args.use_gpu else "1 GPU"
+            print(f"| {args.method} | {n} | {res} | {per:.0f} | {per * n:.0f} | {r.hardware} |", flush=True)
 
 
 if __name__ == "__main__":

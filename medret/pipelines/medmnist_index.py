@@ -16,10 +16,10 @@ import numpy as np
 from pydantic import Field
 
 from medret.config import Frozen, IndexConfig, S3Config, save_resolved
+from medret.errors import ConfigError
 from medret.eval.benchmarks import Part, RetrievalSplit, medmnist4, split_from_files
 from medret.eval.metrics import retrieval_metrics
 from medret.index.store import CodeIndex, connect
-from medret.errors import ConfigError
 from medret.models.encoder import Encoder, load_encoder
 from medret.models.itq import PCAITQ
 from medret.models.pretrained import encoder_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, cast
 
 from pydantic import Field, field_validator, model_validator
@@ -47,6 +48,24 @@ class TrainConfig(Frozen):
     max_failures: int = Field(default=0, ge=-1)
     max_steps: int | None = Field(default=None, ge=1, description="stop each epoch after this many steps")
     s3: S3Config = Field(default_factory=S3Config)
+
+    @field_validator("data")
+    @classmethod
+    def _data_files(cls, v: list[str]) -> list[str]:
+        """Absolute paths, checked here: Ray workers run in other directories (and on other nodes)."""
+        if v == ["medmnist-4"]:
+            return v
+        if not v:
+            raise ValueError("needs 'medmnist-4' or at least one .npz file")
+        out = []
+        for item in v:
+            if item == "medmnist-4":
+                raise ValueError("'medmnist-4' cannot be mixed with files")
+            p = Path(item).expanduser()
+            if not p.is_file():
+                raise ValueError(f"{item}: no such file (give MedMNIST-layout .npz files or 'medmnist-4')")
+            out.append(str(p.resolve()))
+        return out
 
     @field_validator("bits")
     @classmethod

@@ -79,6 +79,15 @@ def autocast(cfg: TrainConfig, device: torch.device) -> tuple[AbstractContextMan
     return torch.autocast("cuda", dtype=dtype), dtype
 
 
+def fixed_batch_loss(method: Method, batch: tuple[torch.Tensor, ...], device: torch.device) -> float:
+    was_training = method.training
+    method.eval()
+    with torch.no_grad():
+        loss, _ = method(*(t.to(device) for t in batch))
+    method.train(was_training)
+    return float(loss)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -124,6 +133,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     amp, amp_dtype = autocast(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     enc_config = encoder_config(cfg, method, split.organs, labels.n_classes)
+    # a fixed validation batch: its loss, unlike the training loss of a mining method, is comparable across epochs
+    vb = np.sort(np.random.default_rng(cfg.seed).choice(len(val), min(256, len(val)), replace=False))
+    val_batch = (to_tensor(val.images[vb]), torch.from_numpy(val.organ[vb]), torch.from_numpy(labels.combined(val)[vb]))
 
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -161,6 +173,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         )
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
+                metrics["val_loss"] = fixed_batch_loss(method, val_batch, device)
                 net = copy.deepcopy(method.encoder).cpu().eval()
                 if method.task.fine_bits:
                     sample = np.random.default_rng(cfg.seed).choice(len(train), min(len(train), 10_000), replace=False)
@@ -188,4 +201,4 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 log.info("epoch %d: %s", epoch, {k: round(float(v), 4) for k, v in metrics.items()})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
-                ray.train.report({**metrics, "val_map100": float("nan")}, checkpoint=None)
+                ray.train.report({**metrics, "val_map100": float("nan"), "val_loss": float("nan")}, checkpoint=None)
