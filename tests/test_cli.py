@@ -84,7 +84,7 @@ def test_dev_s3_serves_until_interrupted(tmp_path: Path) -> None:
         assert [o["Key"] for o in s3.list_objects_v2(Bucket="scans")["Contents"]] == ["a.dcm"]
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        proc.wait(90)  # generous: a loaded CI machine stops SeaweedFS slowly
     time.sleep(0.5)
     assert proc.returncode in (0, 130)
     # the server went with it
