@@ -24,6 +24,10 @@ def run(args: argparse.Namespace) -> int:
     from medret.storage.s3local import SeaweedS3
     from medret.storage.uri import parse_uri
 
+    # before anything starts: a process launched in the background inherits SIGINT *ignored*,
+    # and Ctrl-C / SIGINT / SIGTERM must still stop the server cleanly
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = SeaweedS3(args.dir, port=args.port, access_key=args.access_key, secret_key=args.secret_key)
     server.start()
     try:
@@ -36,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
             "Ctrl-C stops it.",
             flush=True,
         )
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         signal.pause()
     finally:
         server.stop()
