@@ -6,7 +6,10 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medret.eval.benchmarks import RetrievalSplit
 
 COLUMNS = (
     "mAP@10",
@@ -94,11 +97,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_plots(out: Path, split: Any, results: list[dict[str, Any]]) -> None:
-    from medret.eval.benchmarks import RetrievalSplit
+def write_plots(out: Path, split: RetrievalSplit, results: list[dict[str, Any]]) -> None:
     from medret.eval.plots import map_curve, montage_queries, plot_map_at_k, plot_montage, plot_pr, pr_by_radius
 
-    assert isinstance(split, RetrievalSplit)
     out.mkdir(parents=True, exist_ok=True)
     g, q = split["gallery"], split["query"]
 

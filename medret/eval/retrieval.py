@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from medret.eval.benchmarks import Part, RetrievalSplit
+from medret.eval.benchmarks import RetrievalSplit
 from medret.eval.metrics import average_precision_at_k, retrieval_metrics
 from medret.index.search import topk
 from medret.models.encoder import Encoder
@@ -78,7 +78,3 @@ def leave_one_out_map(
     r = np.array(rows)
     rel = labels[r] == labels[:n_queries, None]
     return float(average_precision_at_k(rel, k).mean())
-
-
-def part_labels(part: Part, offsets: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    return offsets[part.organ] + part.label

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medret.errors import ConfigError, DataError
+from medret.errors import ConfigError
 from medret.models.encoder import Encoder, load_encoder
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -49,8 +49,4 @@ def resolve_encoder(spec: str, train_images: np.ndarray | None = None) -> Encode
             return PCAITQ.fit(train_images, bits=int(bits or 48))
         except ValueError as err:
             raise ConfigError(f"pca-itq:BITS takes a number of bits, got {spec!r}") from err
-    path = encoder_path(spec)
-    try:
-        return load_encoder(path)
-    except DataError:
-        raise
+    return load_encoder(encoder_path(spec))

@@ -18,7 +18,7 @@ from pydantic import Field
 from medret.config import Frozen, IndexConfig, S3Config, save_resolved
 from medret.errors import ConfigError
 from medret.eval.benchmarks import Part, RetrievalSplit, medmnist4, split_from_files
-from medret.eval.metrics import retrieval_metrics
+from medret.eval.retrieval import score
 from medret.index.store import CodeIndex, connect
 from medret.models.encoder import Encoder, load_encoder
 from medret.models.itq import PCAITQ
@@ -128,15 +128,7 @@ def run(cfg: MedmnistIndexConfig, *, progress: bool = True) -> dict[str, Any]:
     timings["search_s"] = time.perf_counter() - t
     pos_of = {item: i for i, item in enumerate(ids)}
     ranked = np.vectorize(lambda x: -1 if x is None else pos_of[x], otypes=[np.int64])(ranked_ids)
-    metrics = retrieval_metrics(
-        ranked,
-        query_organ=query.organ,
-        query_label=query.label,
-        gallery_organ=gallery.organ,
-        gallery_label=gallery.label,
-        organs=split.organs,
-        ks=cfg.eval_k,
-    )
+    metrics = score(ranked, split, tuple(cfg.eval_k))
     _say(progress, f"searched {len(query)} queries (top {kmax}) in {timings['search_s']:.2f}s")
 
     samples = []

@@ -197,7 +197,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     },
                     Path(tmp) / STATE,
                 )
-                (Path(tmp) / META).write_text(json.dumps({"epoch": epoch, "metrics": metrics}))
+                (Path(tmp) / META).write_text(json.dumps({"epoch": epoch, "metrics": metrics, "history": history}))
                 log.info("epoch %d: %s", epoch, {k: round(float(v), 4) for k, v in metrics.items()})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:

@@ -44,7 +44,7 @@ class TrainReport:
             "epochs": len(self.history),
             "train_seconds": round(self.seconds, 1),
             "hardware": self.hardware,
-            "samples_per_s": sum(h.get("samples_per_s_worker", 0.0) for h in self.history[-1:]),
+            "samples_per_s": self.history[-1].get("samples_per_s_worker") if self.history else None,
         }
 
 
@@ -109,7 +109,7 @@ def fit(cfg: TrainConfig) -> TrainReport:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from medret.train.loop import ENCODER, train_loop
+    from medret.train.loop import ENCODER, META, train_loop
 
     ensure_ray()
     resources, threads = worker_resources(cfg, ray.cluster_resources())
@@ -141,14 +141,10 @@ def fit(cfg: TrainConfig) -> TrainReport:
     best = max(result.best_checkpoints or [], key=lambda cm: (cm[1].get("val_map100", -1.0), cm[1]["epoch"]))
     with best[0].as_directory() as d:
         shutil.copy(Path(d) / ENCODER, output / ENCODER)
-        history = json.loads((Path(d) / "meta.json").read_text())["metrics"]
     latest = max(result.best_checkpoints or [], key=lambda cm: cm[1]["epoch"])
     with latest[0].as_directory() as d:
-        import torch
-
-        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-        all_history = json.loads(state["history"])
-    report = TrainReport(output / ENCODER, output, int(history["epoch"]), all_history, seconds, hardware(cfg))
+        all_history = json.loads((Path(d) / META).read_text())["history"]
+    report = TrainReport(output / ENCODER, output, int(best[1]["epoch"]), all_history, seconds, hardware(cfg))
     (output / "history.json").write_text(json.dumps(all_history, indent=1))
     (output / "train.json").write_text(json.dumps(report.summary(), indent=1))
     return report
