@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
@@ -88,6 +89,18 @@ def fixed_batch_loss(method: Method, batch: tuple[torch.Tensor, ...], device: to
     return float(loss)
 
 
+def load_state(checkpoint: Any) -> dict[str, Any]:
+    """The training state of a Ray checkpoint, read straight from its filesystem.
+
+    Every worker reads it into memory itself: ``Checkpoint.as_directory`` shares one
+    temporary download between the workers of a node, and one worker's cleanup can
+    delete it while another is still reading (seen as a corrupt zip on S3 resumes).
+    """
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE}") as f:
+        data = f.read()
+    return dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -116,8 +129,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     state: dict[str, Any] | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
+        state = load_state(checkpoint)
         method.load_state_dict(state["method"])
     model = ray.train.torch.prepare_model(method)
     device = ray.train.torch.get_device()
