@@ -12,3 +12,22 @@ SEARCH_SECONDS = Histogram(
 )
 INDEX_SIZE = Gauge("medret_index_rows", "Rows in the loaded snapshot of an index table.", ["table"])
 INDEX_ROWS_WRITTEN = Counter("medret_index_rows_written_total", "Rows upserted into an index table.", ["table"])
+
+# -- indexing jobs (recorded by the driver from what the stages report with each row) --
+INGEST_OBJECTS = Counter(
+    "medret_ingest_objects_total",
+    "Source objects by outcome: seen (listed), unchanged (skipped), indexed, quarantined, deleted.",
+    ["status"],
+)
+INGEST_ITEMS = Counter("medret_ingest_items_total", "Items (images, frames, slices, tiles) written to the index.")
+INGEST_TILES = Counter("medret_ingest_tiles_total", "Whole-slide tiles encoded.")
+INGEST_BYTES = Counter("medret_ingest_read_bytes_total", "Bytes read from the source (slide tiles: decoded pixels).")
+INGEST_STAGE_SECONDS = Counter(
+    "medret_ingest_stage_seconds_total", "Seconds spent per stage, summed over workers.", ["stage"]
+)
+INGEST_COMMIT_SECONDS = Histogram(
+    "medret_ingest_commit_seconds",
+    "Time to commit one batch of finished objects (index merge + manifest).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+INGEST_ITEMS_PER_SECOND = Gauge("medret_ingest_items_per_second", "Items written per second since the job started.")

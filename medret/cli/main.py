@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("medret.cli.inspect", "decode any supported file and show what medret sees in it"),
     "train": ("medret.cli.train", "train a hashing encoder with Ray Train (DDP) and export the best epoch"),
     "evaluate": ("medret.cli.evaluate", "score encoders on medmnist-4 or your own .npz files; tables, JSON, plots"),
+    "index": ("medret.cli.index", "index a folder or S3 prefix into a code table (backfill or incremental)"),
+    "quarantine": ("medret.cli.quarantine", "list the objects indexing could not index, or retry them"),
     "demo": ("medret.cli.demo", "index the medmnist-4 gallery, answer sample queries, print the evaluation"),
     "dev": ("medret.cli.dev", "developer tools: a local S3 server"),
 }

@@ -153,15 +153,43 @@ class CodeIndex:
         """Insert rows, replacing any with the same ``item_id``; one commit. Returns rows written."""
         if rows.num_rows == 0:
             return 0
+        table = self._conformed(rows)
+        (self._table.merge_insert("item_id").when_matched_update_all().when_not_matched_insert_all().execute(table))
+        obs.INDEX_ROWS_WRITTEN.labels(table=self.name).inc(table.num_rows)
+        return int(table.num_rows)
+
+    def _conformed(self, rows: pa.Table) -> pa.Table:
+        """``rows`` in the table's schema, from this table's encoder, one row per item id (the last wins)."""
         table = sch.conform(rows, self._table.schema)
         for enc in set(table.column("encoder_id").to_pylist()):
             self.check_encoder(enc)
         ids = table.column("item_id").to_numpy(zero_copy_only=False)
         _, last = np.unique(ids[::-1], return_index=True)
-        if len(last) != len(ids):  # the same id twice in one batch: the last one wins
-            keep = np.sort(len(ids) - 1 - last)
-            table = table.take(pa.array(keep))
-        (self._table.merge_insert("item_id").when_matched_update_all().when_not_matched_insert_all().execute(table))
+        if len(last) != len(ids):
+            table = table.take(pa.array(np.sort(len(ids) - 1 - last)))
+        return table
+
+    def replace_sources(self, rows: pa.Table, source_uris: Sequence[str]) -> int:
+        """Make these source objects' items exactly ``rows``, in one commit.
+
+        Items of the objects that ``rows`` no longer holds (a re-read slide with fewer
+        tiles, an object that turned bad) are deleted in the same merge, so a reader
+        never sees an object half replaced and a replay of the same rows changes nothing.
+        """
+        if not source_uris:
+            return self.upsert(rows)
+        if rows.num_rows == 0:
+            self.delete_sources(source_uris)
+            return 0
+        table = self._conformed(rows)
+        stale = f"source_uri IN ({', '.join(quote(u) for u in sorted(set(source_uris)))})"
+        (
+            self._table.merge_insert("item_id")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .when_not_matched_by_source_delete(stale)
+            .execute(table)
+        )
         obs.INDEX_ROWS_WRITTEN.labels(table=self.name).inc(table.num_rows)
         return int(table.num_rows)
 

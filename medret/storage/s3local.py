@@ -75,6 +75,7 @@ class SeaweedS3:
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
+        self._port_given = port
         self.port = port or free_port(host)
         self.access_key = access_key
         self.secret_key = secret_key
@@ -108,7 +109,23 @@ class SeaweedS3:
         cmd += [f"-{flag}={free_port(self.host)}" for flag in _PORT_FLAGS]
         return cmd
 
-    def start(self) -> SeaweedS3:
+    def start(self, *, attempts: int = 4) -> SeaweedS3:
+        """Start the server; a port taken between choosing it and binding it (another process
+        starting at the same moment, e.g. Ray) means a fresh set of ports and another try."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once()
+            except S3ServerError as err:
+                log_text = (self.data_dir / "weed.log").read_text(errors="replace")
+                if attempt == attempts or "Port allocation failed" not in log_text[-4000:]:
+                    raise
+                log.warning("weed mini lost a port race (%s); retrying with new ports", err)
+                (self.data_dir / "weed.log").write_text("")
+                if self._port_given is None:
+                    self.port = free_port(self.host)
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> SeaweedS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,

@@ -1,0 +1,430 @@
+"""The main job: make everything under a source searchable, and keep it so.
+
+One streaming Ray Data pipeline per run::
+
+    list (driver, paginated, etags) -> plan against the manifest
+      -> expand  (tasks: sniff unknown kinds; slides -> units of tissue tiles)
+      -> load    (tasks: read + decode + preprocess, small objects batched)
+      -> Encode  (actor pool: model loaded once per actor, batched, GPU when asked)
+      -> driver: commits finished objects in batches
+
+A commit replaces the committed objects' items in one LanceDB merge (never a row
+at a time), then records them in the manifest. Item ids are derived from the
+object URI, so a rerun after a crash (or a retry) rewrites the same rows: nothing
+is lost and nothing is duplicated. ``incremental`` also removes the items of
+objects that disappeared from the source.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from medret import observability as obs
+from medret.config import save_resolved
+from medret.errors import ConfigError, DataError
+from medret.index.manifest import Entry, Manifest
+from medret.index.store import CodeIndex
+from medret.models.encoder import EncoderConfig
+from medret.models.pretrained import encoder_path
+from medret.pipelines.config import IndexJobConfig
+from medret.pipelines.sources import SourceObject, list_source
+from medret.pipelines.stages import Encode, StageContext, expand, load
+from medret.storage.objects import open_store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RECIPES = {"dicom": "xray", "nifti": "mri-brain", "wsi": "wsi-tiles"}
+
+
+@dataclass
+class Summary:
+    source: str
+    index: dict[str, Any]
+    encoder_id: str
+    incremental: bool
+    objects_seen: int = 0
+    unchanged: int = 0
+    indexed: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    deleted: int = 0
+    items_written: int = 0
+    tiles: int = 0
+    bytes_read: int = 0
+    commits: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    quarantine: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stage_seconds"] = {k: round(v, 3) for k, v in self.stage_seconds.items()}
+        d["seconds"] = round(self.seconds, 3)
+        d["objects_per_s"] = round((self.indexed + self.quarantined) / self.seconds, 2) if self.seconds else 0.0
+        d["items_per_s"] = round(self.items_written / self.seconds, 2) if self.seconds else 0.0
+        return d
+
+
+def recipes_for(cfg: IndexJobConfig, encoder: EncoderConfig) -> dict[str, str]:
+    from medret.preprocess.recipes import RECIPES
+
+    out = {"raster": encoder.preprocess, "medmnist": encoder.preprocess, **DEFAULT_RECIPES, **cfg.recipes}
+    for kind, name in out.items():
+        if name not in RECIPES:
+            raise ConfigError(f"recipes.{kind}: unknown preprocessing recipe {name!r}; known: {', '.join(RECIPES)}")
+    return out
+
+
+def _say(cfg: IndexJobConfig, msg: str) -> None:
+    if cfg.progress:
+        print(f"[medret] {msg}", flush=True)
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+
+
+def _done(entry: Entry | None, obj: SourceObject, encoder_id: str) -> bool:
+    return (
+        entry is not None
+        and entry.etag == obj.etag
+        and entry.encoder_id == encoder_id
+        and entry.status in ("indexed", "quarantined")
+    )
+
+
+class _Commits:
+    """Buffers item rows until whole objects have arrived, then commits them in batches."""
+
+    def __init__(
+        self, cfg: IndexJobConfig, index: CodeIndex, manifest: Manifest, known: dict[str, Entry], summary: Summary
+    ):
+        self.cfg, self.index, self.manifest, self.known, self.summary = cfg, index, manifest, known, summary
+        self.buffer: list[pa.Table] = []
+        self.unit_rows: dict[str, int] = defaultdict(int)
+        self.object_units: dict[str, int] = defaultdict(int)
+        self.ready: dict[str, None] = {}
+        self.ready_rows = 0
+        self.last = time.monotonic()
+        self.objects: dict[str, SourceObject] = {}
+
+    def add(self, batch: pa.Table) -> None:
+        self.buffer.append(batch)
+        uris = batch.column("uri").to_pylist()
+        units = batch.column("unit_id").to_pylist()
+        unit_rows = batch.column("unit_rows").to_pylist()
+        object_units = batch.column("object_units").to_pylist()
+        for uri, unit, n_rows, n_units in zip(uris, units, unit_rows, object_units, strict=True):
+            self.unit_rows[unit] += 1
+            if self.unit_rows[unit] == n_rows:
+                del self.unit_rows[unit]
+                self.object_units[uri] += 1
+                if self.object_units[uri] == n_units:
+                    del self.object_units[uri]
+                    self.ready[uri] = None
+        self.ready_rows += batch.num_rows
+        s = self.summary.stage_seconds
+        for stage, col in (("read", "read_s"), ("preprocess", "prep_s"), ("encode", "encode_s")):
+            s[stage] = s.get(stage, 0.0) + float(pc.sum(batch.column(col)).as_py() or 0.0)
+        if self.ready and (
+            self.ready_rows >= self.cfg.commit_rows or time.monotonic() - self.last >= self.cfg.commit_seconds
+        ):
+            self.commit()
+
+    def commit(self) -> None:
+        self.last = time.monotonic()
+        if not self.ready or not self.buffer:
+            return
+        t0 = time.perf_counter()
+        rows = pa.concat_tables(self.buffer, promote_options="permissive")
+        ready = pa.array(list(self.ready), pa.string())
+        mine = pc.is_in(rows.column("uri"), ready)
+        done, rest = rows.filter(mine), rows.filter(pc.invert(mine))
+        self.buffer = [rest] if rest.num_rows else []
+        self.ready_rows = rest.num_rows
+        uris = list(self.ready)
+        self.ready = {}
+
+        errors: dict[str, str] = {}
+        for uri, ok, err in zip(
+            done.column("uri").to_pylist(), done.column("ok").to_pylist(), done.column("error").to_pylist(), strict=True
+        ):
+            if not ok and err and uri not in errors:
+                errors[uri] = err
+        if errors and self.cfg.on_error == "fail":
+            first = next(iter(errors.items()))
+            good = [u for u in uris if u not in errors]
+            self._write(done, good, {})
+            raise DataError(f"{first[0]}: {first[1]} (on_error=fail stops the job; {len(errors)} bad object(s))")
+        self._write(done, uris, errors)
+        dt = time.perf_counter() - t0
+        self.summary.stage_seconds["commit"] = self.summary.stage_seconds.get("commit", 0.0) + dt
+        obs.INGEST_COMMIT_SECONDS.observe(dt)
+
+    def _write(self, done: pa.Table, uris: list[str], errors: dict[str, str]) -> None:
+        keep = pc.and_(done.column("ok"), pc.invert(pc.is_in(done.column("uri"), pa.array(list(errors), pa.string()))))
+        keep = pc.and_(keep, pc.is_in(done.column("uri"), pa.array(uris, pa.string())))
+        good = done.filter(keep)
+        self.index.replace_sources(index_rows(self.index, good), uris)
+        counts: dict[str, int] = defaultdict(int)
+        for uri in good.column("uri").to_pylist():
+            counts[uri] += 1
+        entries = []
+        for uri in uris:
+            obj = self.objects[uri]
+            prev = self.known.get(uri)
+            attempts = (prev.attempts if prev and prev.etag == obj.etag else 0) + 1
+            bad = uri in errors
+            if bad:
+                log.warning("quarantined %s: %s", uri, errors[uri])
+                if self.cfg.on_error == "skip":
+                    self.summary.skipped += 1
+                    continue
+                self.summary.quarantined += 1
+                self.summary.quarantine.append({"uri": uri, "error": errors[uri]})
+                obs.INGEST_OBJECTS.labels(status="quarantined").inc()
+            else:
+                self.summary.indexed += 1
+                obs.INGEST_OBJECTS.labels(status="indexed").inc()
+            entries.append(
+                Entry(
+                    uri=uri,
+                    source=self.cfg.source,
+                    etag=obj.etag,
+                    size=obj.size,
+                    kind=obj.kind,
+                    status="quarantined" if bad else "indexed",
+                    items=0 if bad else counts[uri],
+                    encoder_id=self.index.encoder_id,
+                    error=errors.get(uri, ""),
+                    attempts=attempts,
+                )
+            )
+        self.manifest.record(entries)
+        n_items = good.num_rows
+        n_tiles = int(pc.sum(done.column("n_tiles")).as_py() or 0)
+        n_bytes = int(pc.sum(done.column("bytes_read")).as_py() or 0)
+        self.summary.items_written += n_items
+        self.summary.tiles += n_tiles
+        self.summary.bytes_read += n_bytes
+        self.summary.commits += 1
+        obs.INGEST_ITEMS.inc(n_items)
+        obs.INGEST_TILES.inc(n_tiles)
+        obs.INGEST_BYTES.inc(n_bytes)
+
+
+def index_rows(index: CodeIndex, t: pa.Table) -> pa.Table:
+    """Item rows from the pipeline -> rows of the code table (empty strings / -1 / NaN become nulls)."""
+    n = t.num_rows
+    codes = np.asarray(t.column("code").to_pylist(), dtype=np.uint8).reshape(n, index.encoder.code_bytes)
+
+    def nullable(col: str) -> pa.Array:
+        a = t.column(col).combine_chunks() if n else pa.array([], pa.string())
+        if pa.types.is_string(a.type) or pa.types.is_large_string(a.type):
+            return pc.if_else(pc.equal(a, ""), pa.scalar(None, a.type), a)
+        if pa.types.is_integer(a.type):
+            return pc.if_else(pc.equal(a, -1), pa.scalar(None, a.type), a)
+        return pc.if_else(pc.is_nan(a), pa.scalar(None, a.type), a)
+
+    cols = ["modality", "dataset", "label", "study_uid", "series_uid", "instance_uid", "slide_id"]
+    cols += ["tile_x", "tile_y", "mpp", "extra"]
+    return index.rows(
+        t.column("item_id").to_pylist(),
+        codes,
+        source_uri=t.column("uri"),
+        etag=t.column("etag"),
+        **{c: nullable(c) for c in cols},
+    )
+
+
+def _objects_dataset(todo: list[SourceObject], cfg: IndexJobConfig, ctx: StageContext, ckpt: bytes) -> Any:
+    import ray.data
+
+    r = cfg.resources
+    items = [
+        {
+            "uri": o.uri,
+            "key": o.key,
+            "etag": o.etag,
+            "size": o.size,
+            "kind": o.kind,
+            "meta": json.dumps(o.meta) if o.meta else "",
+        }
+        for o in todo
+    ]
+    blocks = max(1, min(len(items), (len(items) + r.read_batch - 1) // r.read_batch, 1000))
+    ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.flat_map(functools.partial(expand, ctx=ctx), num_cpus=r.read_cpus)
+    # A ray_remote_args_fn keeps Ray Data from fusing reading into the encoder actors:
+    # reading scales with CPU tasks, encoding with the (few, maybe GPU) actors.
+    read_args = {"num_cpus": r.read_cpus}
+    ds = ds.map_batches(
+        functools.partial(load, ctx=ctx), batch_size=r.read_batch, ray_remote_args_fn=lambda: dict(read_args)
+    )
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        Encode,
+        fn_constructor_kwargs={"checkpoint": ckpt, "threads": r.encode_threads},
+        batch_size=r.encode_batch,
+        compute=ActorPoolStrategy(min_size=r.encode_actors[0], max_size=r.encode_actors[1]),
+        num_cpus=r.encode_cpus,
+        num_gpus=r.encode_gpus or None,
+    )
+
+
+def run_index(cfg: IndexJobConfig) -> Summary:
+    """Index (or bring up to date) ``cfg.index`` from ``cfg.source``; returns what happened."""
+    t_start = time.perf_counter()
+    if cfg.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(cfg.metrics_port)
+    out = Path(cfg.out)
+    save_resolved(cfg, out)
+    ckpt_path = encoder_path(cfg.encoder)
+    ckpt = ckpt_path.read_bytes()
+    with np.load(ckpt_path, allow_pickle=False) as z:
+        encoder = EncoderConfig.from_json(bytes(z["config"]))
+    recipes = recipes_for(cfg, encoder)
+    store = open_store(cfg.source, cfg.s3)
+    index = CodeIndex.create(
+        cfg.index.uri,
+        encoder,
+        table=cfg.index.table,
+        checkpoint=cfg.encoder if cfg.encoder == "default" else str(ckpt_path),
+        s3=cfg.s3,
+        exist_ok=True,
+    )
+    manifest = Manifest(cfg.index.uri, cfg.index.table, cfg.s3)
+    summary = Summary(
+        source=cfg.source,
+        index={"uri": cfg.index.uri, "table": cfg.index.table},
+        encoder_id=encoder.encoder_id,
+        incremental=cfg.incremental,
+    )
+
+    t = time.perf_counter()
+    objects, sidecars = list_source(store, cfg.all_routes())
+    summary.stage_seconds["list"] = time.perf_counter() - t
+    summary.objects_seen = len(objects)
+    obs.INGEST_OBJECTS.labels(status="seen").inc(len(objects))
+    known = manifest.entries()
+    listed = {o.uri for o in objects}
+    if cfg.only:
+        only = set(cfg.only)
+        missing = sorted(only - listed)
+        if missing:
+            log.warning("%d requested object(s) are no longer in the source: %s", len(missing), missing[:5])
+        todo = [o for o in objects if o.uri in only]
+    else:
+        todo = [o for o in objects if cfg.force or not _done(known.get(o.uri), o, encoder.encoder_id)]
+    if cfg.max_objects is not None:
+        todo = todo[: cfg.max_objects]
+    summary.unchanged = len(objects) - len(todo) if not cfg.only else 0
+    obs.INGEST_OBJECTS.labels(status="unchanged").inc(summary.unchanged)
+    _say(
+        cfg,
+        f"{cfg.source}: {len(objects)} objects ({len(sidecars)} sidecars), {len(todo)} to index, "
+        f"{summary.unchanged} unchanged -> {cfg.index.uri} table {cfg.index.table!r} ({encoder.encoder_id})",
+    )
+
+    if cfg.incremental and not cfg.only:
+        root = store.uri_of("")
+        gone = sorted(
+            u
+            for u, e in known.items()
+            if e.status != "deleted" and u not in listed and u.startswith(root.rstrip("/") + "/")
+        )
+        if gone:
+            index.delete_sources(gone)
+            manifest.record(
+                Entry(
+                    uri=u,
+                    source=cfg.source,
+                    etag=known[u].etag,
+                    size=known[u].size,
+                    kind=known[u].kind,
+                    status="deleted",
+                    items=0,
+                    encoder_id=encoder.encoder_id,
+                    attempts=known[u].attempts,
+                )
+                for u in gone
+            )
+            summary.deleted = len(gone)
+            obs.INGEST_OBJECTS.labels(status="deleted").inc(len(gone))
+            _say(cfg, f"removed {len(gone)} deleted object(s) from the index")
+
+    if todo:
+        _run_pipeline(cfg, todo, index, manifest, known, summary, recipes, encoder, store, ckpt)
+    summary.seconds = time.perf_counter() - t_start
+    obs.INGEST_ITEMS_PER_SECOND.set(summary.items_written / summary.seconds if summary.seconds else 0.0)
+    index.refresh()
+    summary.index.update(rows=index.count(), version=index.version)
+    _write_outputs(out, summary)
+    return summary
+
+
+def _run_pipeline(
+    cfg: IndexJobConfig,
+    todo: list[SourceObject],
+    index: CodeIndex,
+    manifest: Manifest,
+    known: dict[str, Entry],
+    summary: Summary,
+    recipes: dict[str, str],
+    encoder: EncoderConfig,
+    store: Any,
+    ckpt: bytes,
+) -> None:
+    import ray.data
+
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    ctx = StageContext(store=store, input_size=encoder.input_size, recipes=recipes, tiling=cfg.tiling)
+    commits = _Commits(cfg, index, manifest, known, summary)
+    commits.objects = {o.uri: o for o in todo}
+    ds = _objects_dataset(todo, cfg, ctx, ckpt)
+    t_report = time.monotonic()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+        commits.add(batch)
+        if cfg.progress and time.monotonic() - t_report > 5:
+            t_report = time.monotonic()
+            done = summary.indexed + summary.quarantined + summary.skipped
+            _say(cfg, f"{done}/{len(todo)} objects committed, {summary.items_written:,} items")
+    commits.commit()
+    leftover = len(commits.object_units) + len(commits.unit_rows)
+    if leftover:  # cannot happen unless a stage lost rows; never commit half an object
+        raise RuntimeError(f"{leftover} units never completed; nothing of them was committed")
+    done = summary.indexed + summary.quarantined + summary.skipped
+    _say(
+        cfg,
+        f"committed {done} objects: {summary.indexed} indexed, {summary.quarantined} quarantined, "
+        f"{summary.items_written:,} items in {summary.commits} commits",
+    )
+
+
+def _write_outputs(out: Path, summary: Summary) -> None:
+    from prometheus_client import REGISTRY, write_to_textfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stage, s in summary.stage_seconds.items():
+        obs.INGEST_STAGE_SECONDS.labels(stage=stage).inc(s)
+    (out / "index-summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
+    write_to_textfile(str(out / "metrics.prom"), REGISTRY)

@@ -1,0 +1,105 @@
+"""The indexing job's configuration: where from, where to, with what, routed how, on what resources."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from medret.config import Frozen, IndexConfig, S3Config
+
+KINDS = ("auto", "dicom", "raster", "nifti", "wsi", "medmnist", "sidecar", "skip")
+Kind = Literal["auto", "dicom", "raster", "nifti", "wsi", "medmnist", "sidecar", "skip"]
+
+
+class Route(Frozen):
+    """Objects whose key matches ``pattern`` (a glob over the key below the source) are read as ``kind``."""
+
+    pattern: str = Field(min_length=1)
+    kind: Kind
+
+
+DEFAULT_ROUTES = (
+    Route(pattern="*.csv", kind="sidecar"),
+    Route(pattern="*.dcm", kind="dicom"),
+    Route(pattern="*.dicom", kind="dicom"),
+    Route(pattern="*.nii.gz", kind="nifti"),
+    Route(pattern="*.nii", kind="nifti"),
+    Route(pattern="*.svs", kind="wsi"),
+    Route(pattern="*.ndpi", kind="wsi"),
+    Route(pattern="*.qptiff", kind="wsi"),
+    Route(pattern="*.scn", kind="wsi"),
+    Route(pattern="*.mrxs", kind="wsi"),
+    Route(pattern="*.npz", kind="medmnist"),
+    Route(pattern="*.png", kind="raster"),
+    Route(pattern="*.jpg", kind="raster"),
+    Route(pattern="*.jpeg", kind="raster"),
+    Route(pattern="*.bmp", kind="raster"),
+)
+
+
+class TilingConfig(Frozen):
+    """How whole slides become tiles (read lazily, region by region)."""
+
+    tile_px: int = Field(default=224, ge=16, le=4096, description="tile side in pixels at `mpp`")
+    mpp: float = Field(default=0.5, gt=0, description="target microns per pixel of a tile")
+    min_tissue: float = Field(default=0.5, ge=0, le=1, description="minimum tissue fraction to keep a tile")
+    default_mpp: float | None = Field(
+        default=None, gt=0, description="pixel size to assume for slides that do not state one (else quarantined)"
+    )
+    tiles_per_unit: int = Field(default=64, ge=1, description="tiles read by one task")
+
+
+class Resources(Frozen):
+    """What each stage asks Ray for. Fractions keep a 2-core machine from deadlocking."""
+
+    read_cpus: float = Field(default=0.5, gt=0, description="CPUs per read/decode/preprocess task")
+    read_batch: int = Field(default=32, ge=1, description="objects per read task (small objects are batched)")
+    encode_cpus: float = Field(default=0.5, ge=0, description="CPUs per encoder actor")
+    encode_gpus: float = Field(default=0.0, ge=0, description="GPUs per encoder actor (0: CPU encoding)")
+    encode_actors: tuple[int, int] = Field(default=(1, 2), description="min and max encoder actors")
+    encode_batch: int = Field(default=256, ge=1, description="images per encoder call")
+    encode_threads: int = Field(default=1, ge=1, description="torch threads inside each encoder actor")
+
+    @field_validator("encode_actors", mode="before")
+    @classmethod
+    def _one_or_two(cls, v: object) -> object:
+        return (v, v) if isinstance(v, int) else v
+
+    @field_validator("encode_actors")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError("must be (min, max) with 1 <= min <= max")
+        return v
+
+
+class IndexJobConfig(Frozen):
+    """``medret index`` / ``jobs/backfill.py`` / ``jobs/incremental.py``."""
+
+    source: str = Field(description="s3://bucket/prefix or a local folder")
+    index: IndexConfig = IndexConfig()
+    s3: S3Config = S3Config()
+    encoder: str = Field(default="default", description="'default' (shipped), an encoder.npz or a training folder")
+    incremental: bool = Field(default=False, description="also remove items of objects deleted from the source")
+    force: bool = Field(default=False, description="re-index objects the manifest already holds at the same etag")
+    only: list[str] = Field(default_factory=list, description="index just these object URIs (quarantine retry)")
+    routes: list[Route] = Field(default_factory=list, description="checked before the built-in routes")
+    recipes: dict[str, str] = Field(
+        default_factory=dict, description="kind -> preprocessing recipe (default: dicom xray, raster/npz the encoder's)"
+    )
+    tiling: TilingConfig = TilingConfig()
+    resources: Resources = Resources()
+    on_error: Literal["quarantine", "skip", "fail"] = Field(
+        default="quarantine",
+        description="bad objects: record in the manifest and go on / log and go on (retried next run) / stop the job",
+    )
+    commit_rows: int = Field(default=20_000, ge=1, description="commit once this many finished items are buffered")
+    commit_seconds: float = Field(default=30.0, gt=0, description="... or once this long has passed")
+    max_objects: int | None = Field(default=None, ge=1, description="stop after this many objects (smoke runs)")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics while running")
+    out: str = Field(default="medret-out", description="local folder for the summary, metrics and resolved config")
+    progress: bool = True
+
+    def all_routes(self) -> list[Route]:
+        return [*self.routes, *DEFAULT_ROUTES]

@@ -1,0 +1,90 @@
+"""What a source holds: its objects (with etags), the kind each is read as, and sidecar metadata.
+
+A *sidecar* is a CSV among the objects with a ``path`` column (relative to the
+CSV's folder) and metadata columns (``label``, ``dataset``, ``modality``, any
+index column; others go to ``extra``). Its rows travel with the objects they name,
+and a changed row re-indexes its object: the metadata digest is part of the
+object's effective etag.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import hashlib
+import io
+import json
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from medret.errors import DataError
+from medret.pipelines.config import Route
+from medret.storage.objects import ObjectStore
+
+
+@dataclass
+class SourceObject:
+    uri: str
+    key: str
+    etag: str  # effective: the object's etag, plus its sidecar metadata digest when it has some
+    size: int
+    kind: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def route(key: str, routes: Sequence[Route]) -> str:
+    """The kind of the first route whose pattern matches the key (case-insensitive), else ``auto``.
+
+    >>> from medret.pipelines.config import DEFAULT_ROUTES
+    >>> [route(k, DEFAULT_ROUTES) for k in ("studies/a/IM0001.DCM", "x/scan.nii.gz", "notes")]
+    ['dicom', 'nifti', 'auto']
+    """
+    low = key.lower()
+    for r in routes:
+        if fnmatch.fnmatchcase(low, r.pattern.lower()):
+            return r.kind
+    return "auto"
+
+
+def read_sidecar(store: ObjectStore, key: str) -> dict[str, dict[str, Any]]:
+    """``{object key: metadata}`` from one sidecar CSV."""
+    try:
+        text = store.read_bytes(key).decode("utf-8-sig")
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{store.uri_of(key)}: sidecar is not a UTF-8 CSV: {err}") from err
+    if rows and "path" not in rows[0]:
+        raise DataError(f"{store.uri_of(key)}: sidecar CSV needs a 'path' column (has {list(rows[0])})")
+    folder = posixpath.dirname(key)
+    out = {}
+    for row in rows:
+        rel = (row.pop("path") or "").strip()
+        if rel:
+            out[posixpath.normpath(posixpath.join(folder, rel))] = {k: v for k, v in row.items() if k and v != ""}
+    return out
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def list_source(store: ObjectStore, routes: Sequence[Route]) -> tuple[list[SourceObject], list[str]]:
+    """Every object to index (sidecar metadata attached) and the sidecar keys that were read."""
+    objects, sidecars = [], []
+    for info in store.list():
+        kind = route(info.key, routes)
+        if kind == "sidecar":
+            sidecars.append(info.key)
+        elif kind != "skip":
+            objects.append(SourceObject(store.uri_of(info.key), info.key, info.etag, info.size, kind))
+    meta: dict[str, dict[str, Any]] = {}
+    for key in sorted(sidecars):
+        meta.update(read_sidecar(store, key))
+    for o in objects:
+        m = meta.get(o.key)
+        if m:
+            o.meta = m
+            o.etag = f"{o.etag}+{meta_digest(m)}"
+    return objects, sidecars
