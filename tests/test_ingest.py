@@ -151,9 +151,10 @@ def archive(s3_config: S3Config, data_dir: Path) -> Archive:
 @pytest.fixture(scope="module")
 def backfilled(archive: Archive, s3_config: S3Config, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     index_uri = f"s3://{archive.store.root.bucket}/index"
-    cfg = job(archive, index_uri, s3_config, tmp_path_factory.mktemp("backfill"))
+    out = tmp_path_factory.mktemp("backfill")
+    cfg = job(archive, index_uri, s3_config, out)
     summary = run_index(cfg)
-    return {"cfg": cfg, "summary": summary.to_dict(), "index_uri": index_uri}
+    return {"cfg": cfg, "summary": summary.to_dict(), "index_uri": index_uri, "out": out}
 
 
 def table_state(uri: str, s3: S3Config, table: str = "codes") -> dict[str, tuple[Any, ...]]:
@@ -196,6 +197,30 @@ def test_backfill_indexes_or_quarantines_every_object(backfilled: dict[str, Any]
     assert (row["label"], row["dataset"], row["modality"]) == (want["label"], want["dataset"], "medmnist")
     dicom = index.get([archive.uri("xray/pydicom-data__RG1_J2KI.dcm")]).to_pylist()[0]
     assert dicom["modality"] == "CR" and dicom["study_uid"]
+
+
+def test_backfill_writes_summary_and_prometheus_metrics(backfilled: dict[str, Any]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = backfilled["out"]
+    assert (
+        json.loads((out / "index-summary.json").read_text())["items_written"] == backfilled["summary"]["items_written"]
+    )
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families((out / "metrics.prom").read_text())
+        for s in fam.samples
+    }
+    s = backfilled["summary"]
+    # counters are per process and the suite runs more jobs in it: at least this job's counts
+    assert samples[("medret_ingest_objects_total", (("status", "quarantined"),))] >= s["quarantined"]
+    assert samples[("medret_ingest_items_total", ())] >= s["items_written"]
+    assert samples[("medret_ingest_tiles_total", ())] >= s["tiles"] > 0
+    assert samples[("medret_ingest_read_bytes_total", ())] > 0
+    for stage in ("list", "read", "preprocess", "encode", "commit"):
+        assert samples[("medret_ingest_stage_seconds_total", (("stage", stage),))] > 0
+        assert s["stage_seconds"][stage] > 0
+    assert samples[("medret_ingest_commit_seconds_count", ())] >= s["commits"] >= 2
 
 
 def test_an_indexed_item_finds_itself_first(backfilled: dict[str, Any], archive: Archive, s3_config) -> None:

@@ -1,0 +1,124 @@
+"""``ray job submit`` of the repo's job entrypoints to a real Ray head started here on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from medret.index.store import CodeIndex
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ray_cli() -> str:
+    exe = Path(sys.executable).with_name("ray")
+    return str(exe) if exe.exists() else "ray"
+
+
+#: Ray's token authentication, on for this head: jobs are only accepted with the token
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``ray start --head --block`` on loopback with free ports; stopping the process stops the head."""
+    dashboard = free_port()
+    tmp = tmp_path_factory.mktemp("rayhead")
+    cmd = [
+        ray_cli(),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={free_port()}",
+        f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={free_port()}",
+        "--num-cpus=2",
+        "--object-store-memory=300000000",
+        "--disable-usage-stats",
+        f"--temp-dir={tmp}",
+    ]
+    log = (tmp / "head.log").open("wb")
+    env = {**os.environ, **AUTH}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}: {(tmp / 'head.log').read_text()[-3000:]}")
+        r = subprocess.run(
+            [ray_cli(), "job", "list", "--address", address], capture_output=True, text=True, timeout=60, env=env
+        )
+        if r.returncode == 0:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"the Ray head's job server never answered: {r.stderr[-2000:]}")
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def submit(address: str, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **AUTH, "RAY_ADDRESS": address}
+    return subprocess.run(
+        [ray_cli(), "job", "submit", "--address", address, "--", *entrypoint],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def last_json(text: str) -> dict[str, object]:
+    start = text.rfind("\n{")
+    end = text.rfind("}")
+    return dict(json.loads(text[start + 1 : end + 1]))
+
+
+def test_backfill_and_incremental_jobs_run_through_ray_job_submit(
+    ray_head: str, tmp_path: Path, data_dir: Path
+) -> None:
+    src = tmp_path / "src"
+    (src / "cxr").mkdir(parents=True)
+    for p in sorted((data_dir / "cxr").glob("*.png"))[:4]:
+        shutil.copy(p, src / "cxr" / p.name)
+    shutil.copy(data_dir / "dicom" / "dcmfx__fo-dicom__CR-MONO1-10-chest.dcm", src / "cr.dcm")
+    (src / "broken.dcm").write_bytes(b"\x00" * 200)
+    index = tmp_path / "index"
+    args = [f"source={src}", f"index.uri={index}", f"out={tmp_path / 'out'}", "progress=false"]
+
+    r = submit(ray_head, sys.executable, str(REPO / "jobs" / "backfill.py"), *args)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "succeeded" in r.stdout + r.stderr
+    summary = last_json(r.stdout)
+    assert (summary["indexed"], summary["quarantined"], summary["items_written"]) == (5, 1, 5)
+    assert CodeIndex.open(str(index)).count() == 5
+
+    (src / "cxr" / sorted(os.listdir(src / "cxr"))[0]).unlink()
+    r = submit(ray_head, sys.executable, str(REPO / "jobs" / "incremental.py"), *args)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    summary = last_json(r.stdout)
+    assert (summary["indexed"], summary["deleted"], summary["unchanged"]) == (0, 1, 5)
+    assert CodeIndex.open(str(index)).count() == 4
