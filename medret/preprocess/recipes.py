@@ -54,11 +54,12 @@ def xray(decoded: Decoded, *, input_size: tuple[int, int] = (224, 224)) -> list[
 def medmnist(decoded: Decoded, *, input_size: tuple[int, int] = (28, 28)) -> list[Prepared]:
     """MedMNIST-style: grey, scaled to [0, 1] by the data's bit depth, letterboxed to the input size."""
     frame = decoded.frame(0)
-    unit = (
-        to_grey(colour_to_unit(frame)) if frame.ndim == 3 else apply_voi(frame, decoded.display, percentiles=(0, 100))
-    )
-    if frame.ndim == 2 and np.issubdtype(frame.dtype, np.integer):
+    if frame.ndim == 3:
+        unit = to_grey(colour_to_unit(frame))
+    elif np.issubdtype(frame.dtype, np.integer):
         unit = (frame.astype(np.float32) / float(np.iinfo(frame.dtype).max)).astype(np.float32)
+    else:
+        unit = apply_voi(frame, decoded.display, percentiles=(0, 100))
     image, _ = resize_aspect(unit, input_size)
     return [Prepared(image)]
 
