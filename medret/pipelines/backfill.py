@@ -428,3 +428,25 @@ def _write_outputs(out: Path, summary: Summary) -> None:
         obs.INGEST_STAGE_SECONDS.labels(stage=stage).inc(s)
     (out / "index-summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
     write_to_textfile(str(out / "metrics.prom"), REGISTRY)
+
+
+def job_main(doc: str, *, incremental: bool, argv: list[str] | None = None) -> None:
+    """The command line of ``jobs/backfill.py`` and ``jobs/incremental.py``: a config plus dotted overrides."""
+    import argparse
+
+    import yaml
+
+    from medret.config import load_config
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value (YAML values), e.g. index.uri=s3://b/index")
+    args = ap.parse_args(argv)
+    overrides: dict[str, Any] = {"incremental": incremental}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"overrides are dotted.key=value, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    summary = run_index(load_config(IndexJobConfig, args.config, overrides=overrides))
+    print(json.dumps(summary.to_dict(), indent=1))
