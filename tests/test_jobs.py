@@ -51,6 +51,14 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         f"--dashboard-port={dashboard}",
         "--dashboard-host=127.0.0.1",
         f"--ray-client-server-port={free_port()}",
+        # every fixed default port too: another Ray on this machine (the suite's own) holds them,
+        # and a head whose job agent cannot bind refuses every job ("No available agent")
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
         "--num-cpus=2",
         "--object-store-memory=300000000",
         "--disable-usage-stats",
@@ -81,14 +89,21 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def submit(address: str, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``ray job submit``; while the head's job agent is still registering, the server refuses
+    the job (creating nothing) and says to try again: do that, for up to two minutes."""
     env = {**os.environ, **AUTH, "RAY_ADDRESS": address}
-    return subprocess.run(
-        [ray_cli(), "job", "submit", "--address", address, "--", *entrypoint],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    deadline = time.monotonic() + 120
+    while True:
+        r = subprocess.run(
+            [ray_cli(), "job", "submit", "--address", address, "--", *entrypoint],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        if r.returncode == 0 or "No available agent" not in r.stderr or time.monotonic() > deadline:
+            return r
+        time.sleep(2)
 
 
 def last_json(text: str) -> dict[str, object]:
