@@ -29,6 +29,17 @@ class TaskInfo:
         return self.bits - self.fine_bits
 
 
+#: The small-ResNet training recipe the classifier and momentum methods share (``hyper`` is their own).
+SMALL_RESNET: dict[str, Any] = {
+    "architecture": "resnet",
+    "arch": {"widths": [16, 32, 64, 128], "blocks": 1},
+    "lr": 2e-3,
+    "weight_decay": 5e-4,
+    "batch_size": 256,
+    "epochs": 8,
+}
+
+
 class Method(nn.Module):
     """Base class. Subclasses set ``name`` and ``defaults`` and implement ``forward``."""
 

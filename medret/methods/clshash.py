@@ -17,21 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from medret.index.search import topk
-from medret.methods.base import METHODS, Method, quantization_loss
+from medret.methods.base import METHODS, SMALL_RESNET, Method, quantization_loss
 
 
 @METHODS.register("clshash")
 class ClassifierHashing(Method):
     name = "clshash"
-    defaults: ClassVar[dict[str, Any]] = {
-        "architecture": "resnet",
-        "arch": {"widths": [16, 32, 64, 128], "blocks": 1},
-        "lr": 2e-3,
-        "weight_decay": 5e-4,
-        "batch_size": 256,
-        "epochs": 8,
-        "hyper": {"ce": 1.0, "quant": 0.1},
-    }
+    defaults: ClassVar[dict[str, Any]] = {**SMALL_RESNET, "hyper": {"ce": 1.0, "quant": 0.1}}
 
     def forward(
         self, x: torch.Tensor, organ: torch.Tensor, label: torch.Tensor

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from medret.methods.base import METHODS, Method, TaskInfo, quantization_loss
+from medret.methods.base import METHODS, SMALL_RESNET, Method, TaskInfo, quantization_loss
 
 
 def code_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -61,12 +61,7 @@ def batch_hard_triplet_loss(
 class MomentumHashing(Method):
     name = "momentum"
     defaults: ClassVar[dict[str, Any]] = {
-        "architecture": "resnet",
-        "arch": {"widths": [16, 32, 64, 128], "blocks": 1},
-        "lr": 2e-3,
-        "weight_decay": 5e-4,
-        "batch_size": 256,
-        "epochs": 8,
+        **SMALL_RESNET,
         "hyper": {"momentum": 0.999, "queue": 4096, "margin": 0.25, "ce": 1.0, "triplet": 1.0, "quant": 0.1},
     }
 

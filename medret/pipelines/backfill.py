@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from medret.models.pretrained import encoder_path
 from medret.pipelines.config import IndexJobConfig
 from medret.pipelines.sources import SourceObject, list_source
 from medret.pipelines.stages import Encode, StageContext, expand, load
+from medret.runtime import ensure_ray
 from medret.storage.objects import open_store
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,6 @@ def _say(cfg: IndexJobConfig, msg: str) -> None:
         print(f"[medret] {msg}", flush=True)
 
 
-def ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
-
-
 def _done(entry: Entry | None, obj: SourceObject, encoder_id: str) -> bool:
     return (
         entry is not None
@@ -112,16 +105,22 @@ class _Commits:
     """Buffers item rows until whole objects have arrived, then commits them in batches."""
 
     def __init__(
-        self, cfg: IndexJobConfig, index: CodeIndex, manifest: Manifest, known: dict[str, Entry], summary: Summary
+        self,
+        cfg: IndexJobConfig,
+        index: CodeIndex,
+        manifest: Manifest,
+        known: dict[str, Entry],
+        summary: Summary,
+        objects: list[SourceObject],
     ):
         self.cfg, self.index, self.manifest, self.known, self.summary = cfg, index, manifest, known, summary
+        self.objects = {o.uri: o for o in objects}
         self.buffer: list[pa.Table] = []
         self.unit_rows: dict[str, int] = defaultdict(int)
         self.object_units: dict[str, int] = defaultdict(int)
         self.ready: dict[str, None] = {}
         self.ready_rows = 0
         self.last = time.monotonic()
-        self.objects: dict[str, SourceObject] = {}
 
     def add(self, batch: pa.Table) -> None:
         self.buffer.append(batch)
@@ -169,7 +168,8 @@ class _Commits:
         if errors and self.cfg.on_error == "fail":
             first = next(iter(errors.items()))
             good = [u for u in uris if u not in errors]
-            self._write(done, good, {})
+            bad = pc.is_in(done.column("uri"), pa.array(list(errors), pa.string()))
+            self._write(done.filter(pc.invert(bad)), good, {})
             raise DataError(f"{first[0]}: {first[1]} (on_error=fail stops the job; {len(errors)} bad object(s))")
         self._write(done, uris, errors)
         dt = time.perf_counter() - t0
@@ -177,9 +177,8 @@ class _Commits:
         obs.INGEST_COMMIT_SECONDS.observe(dt)
 
     def _write(self, done: pa.Table, uris: list[str], errors: dict[str, str]) -> None:
-        keep = pc.and_(done.column("ok"), pc.invert(pc.is_in(done.column("uri"), pa.array(list(errors), pa.string()))))
-        keep = pc.and_(keep, pc.is_in(done.column("uri"), pa.array(uris, pa.string())))
-        good = done.filter(keep)
+        bad = pc.is_in(done.column("uri"), pa.array(list(errors), pa.string()))
+        good = done.filter(pc.and_(done.column("ok"), pc.invert(bad)))
         self.index.replace_sources(index_rows(self.index, good), uris)
         counts: dict[str, int] = defaultdict(int)
         for uri in good.column("uri").to_pylist():
@@ -395,11 +394,10 @@ def _run_pipeline(
 ) -> None:
     import ray.data
 
-    ensure_ray()
+    ensure_ray(log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
     ctx = StageContext(store=store, input_size=encoder.input_size, recipes=recipes, tiling=cfg.tiling)
-    commits = _Commits(cfg, index, manifest, known, summary)
-    commits.objects = {o.uri: o for o in todo}
+    commits = _Commits(cfg, index, manifest, known, summary, todo)
     ds = _objects_dataset(todo, cfg, ctx, ckpt)
     t_report = time.monotonic()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):

@@ -19,6 +19,7 @@ from typing import Any
 
 from medret.config import save_resolved
 from medret.errors import ConfigError
+from medret.runtime import ensure_ray
 from medret.storage.objects import arrow_filesystem
 from medret.storage.uri import parse_uri
 from medret.train.config import TrainConfig
@@ -46,15 +47,6 @@ class TrainReport:
             "hardware": self.hardware,
             "samples_per_s": self.history[-1].get("samples_per_s_worker") if self.history else None,
         }
-
-
-def ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        # the dashboard stays on: Ray Train's placement-group cleaner queries the state API it serves
-        ray.init(address=address or None)
 
 
 def worker_resources(cfg: TrainConfig, cluster: dict[str, float]) -> tuple[dict[str, float], int]:
