@@ -31,3 +31,23 @@ INGEST_COMMIT_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 INGEST_ITEMS_PER_SECOND = Gauge("medret_ingest_items_per_second", "Items written per second since the job started.")
+
+# -- the query service -----------------------------------------------------------------
+QUERY_REQUESTS = Counter("medret_query_requests_total", "HTTP requests by route and status code.", ["route", "code"])
+QUERY_REQUEST_SECONDS = Histogram(
+    "medret_query_request_seconds",
+    "Time to answer an HTTP request, by route.",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+QUERY_STAGE_SECONDS = Histogram(
+    "medret_query_stage_seconds",
+    "Time per query stage: decode, preprocess, encode (batch wait included), search, total.",
+    ["stage"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+QUERY_BATCH_SIZE = Histogram(
+    "medret_query_encode_batch_size",
+    "Queries encoded together in one model call.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)

@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("medret.cli.evaluate", "score encoders on medmnist-4 or your own .npz files; tables, JSON, plots"),
     "index": ("medret.cli.index", "index a folder or S3 prefix into a code table (backfill or incremental)"),
     "quarantine": ("medret.cli.quarantine", "list the objects indexing could not index, or retry them"),
+    "search": ("medret.cli.search", "top-k similar items for an image or an indexed item, without a server"),
+    "serve": ("medret.cli.serve", "run the query service (Ray Serve HTTP API and web page) on this machine"),
     "demo": ("medret.cli.demo", "index the medmnist-4 gallery, answer sample queries, print the evaluation"),
     "dev": ("medret.cli.dev", "developer tools: a local S3 server"),
 }

@@ -6,6 +6,9 @@ opened table says exactly how its codes were made.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pyarrow as pa
 
 from medret.errors import SchemaError
@@ -15,6 +18,7 @@ ENCODER_KEY = b"medret.encoder"
 ENCODER_ID_KEY = b"medret.encoder_id"
 CHECKPOINT_KEY = b"medret.checkpoint"
 SCHEMA_VERSION_KEY = b"medret.schema_version"
+RECIPES_KEY = b"medret.recipes"  # how each kind of object was preprocessed (kind -> recipe, tiling)
 SCHEMA_VERSION = "1"
 
 # column -> (type, required). Optional columns may be omitted on write (they become null).
@@ -39,18 +43,18 @@ METADATA_COLUMNS: dict[str, tuple[pa.DataType, bool]] = {
 FILTER_COLUMNS = tuple(c for c in METADATA_COLUMNS if c not in ("extra", "indexed_at"))
 
 
-def code_schema(encoder: EncoderConfig, checkpoint: str = "") -> pa.Schema:
+def code_schema(encoder: EncoderConfig, checkpoint: str = "", recipes: dict[str, Any] | None = None) -> pa.Schema:
     fields = [pa.field(name, typ, nullable=not req) for name, (typ, req) in METADATA_COLUMNS.items()]
     fields.append(pa.field("code", pa.list_(pa.uint8(), encoder.code_bytes), nullable=False))
-    return pa.schema(
-        fields,
-        metadata={
-            ENCODER_KEY: encoder.to_json().encode(),
-            ENCODER_ID_KEY: encoder.encoder_id.encode(),
-            CHECKPOINT_KEY: checkpoint.encode(),
-            SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode(),
-        },
-    )
+    metadata = {
+        ENCODER_KEY: encoder.to_json().encode(),
+        ENCODER_ID_KEY: encoder.encoder_id.encode(),
+        CHECKPOINT_KEY: checkpoint.encode(),
+        SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode(),
+    }
+    if recipes:
+        metadata[RECIPES_KEY] = json.dumps(recipes, sort_keys=True).encode()
+    return pa.schema(fields, metadata=metadata)
 
 
 def encoder_of(schema: pa.Schema) -> EncoderConfig:
@@ -58,6 +62,12 @@ def encoder_of(schema: pa.Schema) -> EncoderConfig:
     if ENCODER_KEY not in meta:
         raise SchemaError("table has no medret encoder metadata; it was not written by medret")
     return EncoderConfig.from_json(meta[ENCODER_KEY])
+
+
+def recipes_of(schema: pa.Schema) -> dict[str, Any] | None:
+    """``{"kinds": {kind: recipe}, "tiling": {...}}`` as the indexing job recorded it, or None."""
+    raw = (schema.metadata or {}).get(RECIPES_KEY)
+    return dict(json.loads(raw)) if raw else None
 
 
 def checkpoint_of(schema: pa.Schema) -> str:

@@ -10,6 +10,7 @@ version changes; :meth:`CodeIndex.search_ivf` uses LanceDB's IVF_FLAT index with
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ import pyarrow as pa
 
 from medret import observability as obs
 from medret.config import S3Config
-from medret.errors import EncoderMismatchError, SchemaError, TableNotFoundError
+from medret.errors import ConfigError, EncoderMismatchError, SchemaError, TableNotFoundError
 from medret.index import schema as sch
 from medret.index.search import to_columns, topk_columns
 from medret.models.codes import as_codes, to_words
@@ -65,6 +66,7 @@ class CodeIndex:
         schema = table.schema
         self.encoder: EncoderConfig = sch.encoder_of(schema)
         self.checkpoint: str = sch.checkpoint_of(schema)
+        self.recipes: dict[str, Any] | None = sch.recipes_of(schema)
         self._snapshot: _Snapshot | None = None
         self._last_refresh = time.monotonic()
 
@@ -77,18 +79,27 @@ class CodeIndex:
         *,
         table: str = "codes",
         checkpoint: str = "",
+        recipes: dict[str, Any] | None = None,
         s3: S3Config | None = None,
         exist_ok: bool = False,
     ) -> CodeIndex:
-        """Create the table, or with ``exist_ok`` open it if it was made by the same encoder."""
+        """Create the table, or with ``exist_ok`` open it if it was made by the same encoder and recipes.
+
+        ``recipes`` records how each kind of object is preprocessed, so the query path can repeat it.
+        """
         db = connect(uri, s3)
         if table in db.list_tables().tables:
             if not exist_ok:
                 raise FileExistsError(f"table {table!r} already exists at {uri}")
             idx = cls.open(uri, table=table, s3=s3)
             idx.check_encoder(encoder.encoder_id)
+            if recipes and idx.recipes and recipes != idx.recipes:
+                raise ConfigError(
+                    f"table {table!r} at {uri} was indexed with preprocessing {json.dumps(idx.recipes)}; "
+                    f"refusing to add items made with {json.dumps(recipes)}. Use a new table."
+                )
             return idx
-        tbl = db.create_table(table, schema=sch.code_schema(encoder, checkpoint))
+        tbl = db.create_table(table, schema=sch.code_schema(encoder, checkpoint, recipes))
         log.info("created code table %s at %s for encoder %s", table, uri, encoder.encoder_id)
         return cls(tbl, uri=uri, name=table)
 

@@ -37,15 +37,13 @@ from medret.index.manifest import Entry, Manifest
 from medret.index.store import CodeIndex
 from medret.models.encoder import EncoderConfig
 from medret.models.pretrained import encoder_path
-from medret.pipelines.config import IndexJobConfig
+from medret.pipelines.config import DEFAULT_RECIPES, IndexJobConfig
 from medret.pipelines.sources import SourceObject, list_source
 from medret.pipelines.stages import Encode, StageContext, expand, load
 from medret.runtime import ensure_ray
 from medret.storage.objects import open_store
 
 log = logging.getLogger(__name__)
-
-DEFAULT_RECIPES = {"dicom": "xray", "nifti": "mri-brain", "wsi": "wsi-tiles"}
 
 
 @dataclass
@@ -307,6 +305,7 @@ def run_index(cfg: IndexJobConfig) -> Summary:
         encoder,
         table=cfg.index.table,
         checkpoint=cfg.encoder if cfg.encoder == "default" else str(ckpt_path),
+        recipes={"kinds": recipes, "tiling": cfg.tiling.model_dump(mode="json")},
         s3=cfg.s3,
         exist_ok=True,
     )

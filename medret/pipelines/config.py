@@ -38,6 +38,10 @@ DEFAULT_ROUTES = (
 )
 
 
+#: preprocessing per kind of object (PNG/JPEG and npz use the encoder's own recipe)
+DEFAULT_RECIPES = {"dicom": "xray", "nifti": "mri-brain", "wsi": "wsi-tiles"}
+
+
 class TilingConfig(Frozen):
     """How whole slides become tiles (read lazily, region by region)."""
 

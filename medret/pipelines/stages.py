@@ -228,8 +228,8 @@ def _medmnist_items(ctx: StageContext, data: bytes, label: str) -> list[_Item]:
 
 
 def _tiles(ctx: StageContext, unit: dict[str, Any]) -> tuple[list[_Item], int, float]:
+    from medret.preprocess.recipes import tile_input
     from medret.preprocess.wsi.tissue import tissue_fraction
-    from medret.preprocess.xray import colour_to_unit, resize_aspect, to_grey
 
     t = ctx.tiling
     slide = open_cached_slide(local_copy(ctx, unit["key"], unit["etag"]), t)
@@ -242,7 +242,7 @@ def _tiles(ctx: StageContext, unit: dict[str, Any]) -> tuple[list[_Item], int, f
         frac = tissue_fraction(rgb)
         if frac < t.min_tissue:
             continue  # background after all
-        image, _ = resize_aspect(to_grey(colour_to_unit(rgb)), ctx.input_size)
+        image = tile_input(rgb, ctx.input_size)
         meta = {
             "modality": "SM",
             "slide_id": slide.slide_id,

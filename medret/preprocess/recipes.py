@@ -50,6 +50,15 @@ def xray(decoded: Decoded, *, input_size: tuple[int, int] = (224, 224)) -> list[
     return out
 
 
+def tile_input(rgb: npt.NDArray[Any], input_size: tuple[int, int]) -> npt.NDArray[np.float32]:
+    """A slide tile read at the target mpp -> the model input: grey in [0, 1], letterboxed.
+
+    The indexing job and the query service (a tile uploaded as an image) both call this.
+    """
+    image, _ = resize_aspect(to_grey(colour_to_unit(rgb)), input_size)
+    return image
+
+
 @RECIPES.register("medmnist")
 def medmnist(decoded: Decoded, *, input_size: tuple[int, int] = (28, 28)) -> list[Prepared]:
     """MedMNIST-style: grey, scaled to [0, 1] by the data's bit depth, letterboxed to the input size."""

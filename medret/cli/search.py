@@ -1,0 +1,74 @@
+"""``medret search``: the service's query, answered from the command line without a server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", default="medret-out/index", help="index URI: local folder or s3://bucket/prefix")
+    parser.add_argument("--table", help="code table (default: the only or first one)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", help="query image: PNG/JPEG, DICOM, NIfTI or a slide tile")
+    what.add_argument("--item", help="an indexed item id: find the items similar to it")
+    parser.add_argument("--k", type=int, default=10, help="number of results (default 10)")
+    parser.add_argument("--kind", default="auto", help="auto, image, dicom, nifti or tile (default auto)")
+    parser.add_argument("--slice", type=int, help="NIfTI level or DICOM frame to query with (0-based)")
+    parser.add_argument("--mpp", type=float, help="microns per pixel of a --kind tile image")
+    parser.add_argument(
+        "--filter", action="append", default=[], metavar="COLUMN=VALUE", help="metadata filter (repeatable)"
+    )
+    parser.add_argument("--checkpoint", help="encoder checkpoint, if the one the table names is not reachable")
+    parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// indexes")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medret.config import load_config
+    from medret.errors import ConfigError, ObjectNotFoundError
+    from medret.serve.engine import QueryEngine, ServiceConfig
+
+    cfg = load_config(
+        ServiceConfig,
+        overrides={
+            "index": args.index,
+            "table": args.table,
+            "checkpoint": args.checkpoint,
+            "s3.endpoint_url": args.s3_endpoint,
+        },
+    )
+    filters: dict[str, list[str]] = {}
+    for f in args.filter:
+        col, sep, value = f.partition("=")
+        if not sep:
+            raise ConfigError(f"--filter takes COLUMN=VALUE, got {f!r}")
+        filters.setdefault(col.strip(), []).append(value)
+    flat = {c: v[0] if len(v) == 1 else v for c, v in filters.items()}
+    engine = QueryEngine(cfg)
+    t0 = time.perf_counter()
+    idx = engine.index(args.table)
+    query: dict[str, object]
+    if args.image:
+        path = Path(args.image)
+        if not path.is_file():
+            raise ObjectNotFoundError(f"query image {args.image!r} does not exist")
+        q = engine.prepare(idx, path.read_bytes(), path.name, kind=args.kind, slice=args.slice, mpp=args.mpp)
+        code = engine.encode(idx, [q.image])[0]
+        rows = engine.search(idx, code, args.k, filters=flat)
+        query = {"image": str(path), "kind": q.kind, **q.meta}
+    else:
+        rows = engine.similar(idx.name, args.item, args.k, filters=flat)
+        query = {"item_id": args.item}
+    seconds = time.perf_counter() - t0
+    if args.json:
+        out = {"table": idx.name, "encoder_id": idx.encoder_id, "query": query, "results": rows, "seconds": seconds}
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    print(f"{idx.name} ({idx.count():,} items, {idx.encoder_id}): top {len(rows)} for {query} in {seconds:.2f} s")
+    for r in rows:
+        meta = " ".join(f"{k}={r[k]}" for k in ("modality", "dataset", "label") if r.get(k))
+        print(f"  {r['rank'] + 1:3d}. distance {r['distance']:3d}  {r['item_id']}  {meta}")
+    return 0

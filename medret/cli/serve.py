@@ -1,0 +1,70 @@
+"""``medret serve``: the query service (Ray Serve + FastAPI) on this machine, with its web page."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from medret.cli.train import parse_sets
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with ServiceConfig fields")
+    parser.add_argument("--index", help="index URI: local folder or s3://bucket/prefix (default medret-out/index)")
+    parser.add_argument("--table", help="default table (default: the only or first one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--token", help="require this bearer token on /v1 (also MEDRET_TOKEN)")
+    parser.add_argument("--checkpoint", help="encoder checkpoint, if the one the table names is not reachable")
+    parser.add_argument("--root", action="append", dest="roots", help="source prefix thumbnails may be read from")
+    parser.add_argument("--replicas", type=int, help="Serve replicas (default 1)")
+    parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// indexes and sources")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any ServiceConfig field, e.g. refresh_s=1"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from medret.config import load_config
+    from medret.serve.engine import ServiceConfig
+
+    cfg = load_config(
+        ServiceConfig,
+        args.config,
+        overrides={
+            "index": args.index,
+            "table": args.table,
+            "token": args.token,
+            "checkpoint": args.checkpoint,
+            "roots": args.roots,
+            "replicas": args.replicas,
+            "s3.endpoint_url": args.s3_endpoint,
+            **parse_sets(args.set),
+        },
+    )
+    url = start(cfg, host=args.host, port=args.port)
+    print(f"medret query service on {url} (web page), API docs at {url}docs; Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        stop()
+
+
+def start(cfg: object, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Start Serve on the local (or ``RAY_ADDRESS``) Ray and deploy the query app; returns its URL."""
+    from ray import serve
+
+    from medret.runtime import ensure_ray
+    from medret.serve.deployment import APP_NAME, build
+
+    ensure_ray(log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build(cfg), name=APP_NAME, route_prefix="/")  # type: ignore[arg-type]
+    return f"http://{host}:{port}/"
+
+
+def stop() -> None:
+    from ray import serve
+
+    serve.shutdown()

