@@ -51,3 +51,8 @@ QUERY_BATCH_SIZE = Histogram(
     "Queries encoded together in one model call.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
+QUERY_MODEL_SECONDS = Histogram(
+    "medret_query_model_seconds",
+    "Time of one model call on a batch of queries (the encode stage less its wait).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)

@@ -54,6 +54,8 @@ class _Snapshot:
     item_ids: npt.NDArray[np.object_]
     rowids: npt.NDArray[np.uint64]
     rowid_order: npt.NDArray[np.int64]
+    id_order: npt.NDArray[np.int64] | None = None  # argsort of item_ids, built on the first lookup by id
+    sorted_ids: npt.NDArray[np.object_] | None = None
 
 
 class CodeIndex:
@@ -68,6 +70,7 @@ class CodeIndex:
         self.checkpoint: str = sch.checkpoint_of(schema)
         self.recipes: dict[str, Any] | None = sch.recipes_of(schema)
         self._snapshot: _Snapshot | None = None
+        self._version: int | None = None  # cached: asking LanceDB costs ~1 ms; writes and refresh reset it
         self._last_refresh = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -125,7 +128,9 @@ class CodeIndex:
 
     @property
     def version(self) -> int:
-        return int(self._table.version)
+        if self._version is None:
+            self._version = int(self._table.version)
+        return self._version
 
     def versions(self) -> list[dict[str, Any]]:
         return [dict(v) for v in self._table.list_versions()]
@@ -166,6 +171,7 @@ class CodeIndex:
             return 0
         table = self._conformed(rows)
         (self._table.merge_insert("item_id").when_matched_update_all().when_not_matched_insert_all().execute(table))
+        self._version = None
         obs.INDEX_ROWS_WRITTEN.labels(table=self.name).inc(table.num_rows)
         return int(table.num_rows)
 
@@ -179,6 +185,16 @@ class CodeIndex:
         if len(last) != len(ids):
             table = table.take(pa.array(np.sort(len(ids) - 1 - last)))
         return table
+
+    def append(self, rows: pa.Table) -> int:
+        """Bulk-load rows known to be new (a first load, a benchmark): one commit, no merge on ``item_id``."""
+        if rows.num_rows == 0:
+            return 0
+        table = self._conformed(rows)
+        self._table.add(table)
+        self._version = None
+        obs.INDEX_ROWS_WRITTEN.labels(table=self.name).inc(table.num_rows)
+        return int(table.num_rows)
 
     def replace_sources(self, rows: pa.Table, source_uris: Sequence[str]) -> int:
         """Make these source objects' items exactly ``rows``, in one commit.
@@ -201,21 +217,25 @@ class CodeIndex:
             .when_not_matched_by_source_delete(stale)
             .execute(table)
         )
+        self._version = None
         obs.INDEX_ROWS_WRITTEN.labels(table=self.name).inc(table.num_rows)
         return int(table.num_rows)
 
     def delete(self, where: str) -> None:
         self._table.delete(where)
+        self._version = None
 
     def delete_sources(self, source_uris: Sequence[str]) -> None:
         """Remove every item produced from these source objects."""
         for start in range(0, len(source_uris), 500):
             chunk = source_uris[start : start + 500]
             self._table.delete(f"source_uri IN ({', '.join(quote(u) for u in chunk)})")
+        self._version = None
 
     def optimize(self, *, cleanup_older_than: timedelta | None = None) -> None:
         """Compact fragments, update indices and (optionally) drop versions older than given."""
         self._table.optimize(cleanup_older_than=cleanup_older_than)
+        self._version = None
 
     # -- reads -----------------------------------------------------------------------
     def refresh(self, *, min_interval_s: float = 0.0) -> bool:
@@ -226,6 +246,7 @@ class CodeIndex:
         self._last_refresh = now
         before = self.version
         self._table.checkout_latest()
+        self._version = None
         return self.version != before
 
     def _snap(self) -> _Snapshot:
@@ -300,20 +321,36 @@ class CodeIndex:
             0, "rank", pa.array(np.arange(len(pos)), pa.int32())
         )
 
+    def _lookup(self, item_ids: Sequence[str]) -> tuple[_Snapshot, npt.NDArray[np.int64]]:
+        """Snapshot row positions of ``item_ids`` (-1 where absent): a binary search, not a table scan."""
+        snap = self._snap()
+        if snap.id_order is None or snap.sorted_ids is None:
+            snap.id_order = np.argsort(snap.item_ids, kind="stable")
+            snap.sorted_ids = snap.item_ids[snap.id_order]
+        ids = np.asarray(list(item_ids), dtype=object)
+        if not len(snap.item_ids):
+            return snap, np.full(len(ids), -1, np.int64)
+        sorted_ids = snap.sorted_ids
+        at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        pos = snap.id_order[at]
+        return snap, np.where(sorted_ids[at] == ids, pos, -1).astype(np.int64)
+
     def codes_of(self, item_ids: Sequence[str]) -> npt.NDArray[np.uint8]:
         """Stored codes of these items, in the order given; unknown ids raise KeyError."""
-        t = self.get(item_ids, columns=["item_id", "code"])
-        found = dict(zip(t.column("item_id").to_pylist(), t.column("code").to_pylist(), strict=True))
-        missing = [i for i in item_ids if i not in found]
+        snap, pos = self._lookup(item_ids)
+        missing = [i for i, p in zip(item_ids, pos, strict=True) if p < 0]
         if missing:
             raise KeyError(f"items not in table {self.name!r}: {missing[:5]}")
-        return np.array([found[i] for i in item_ids], dtype=np.uint8).reshape(len(item_ids), -1)
+        words = np.ascontiguousarray(snap.cols[:, pos].T)
+        return words.view(np.uint8).reshape(len(pos), -1)[:, : self.encoder.code_bytes].copy()
 
     def get(self, item_ids: Sequence[str], *, columns: Sequence[str] | None = None) -> pa.Table:
+        """Rows of these items (those that exist), read by position from the current snapshot."""
         if not item_ids:
             return self._table.schema.empty_table()
-        where = f"item_id IN ({', '.join(quote(i) for i in item_ids)})"
-        return self._table.to_lance().to_table(columns=list(columns) if columns else None, filter=where)
+        snap, pos = self._lookup(item_ids)
+        pos = np.unique(pos[pos >= 0])
+        return snap.dataset.take(pos, columns=list(columns) if columns else None)
 
     def to_arrow(self, columns: Sequence[str] | None = None) -> pa.Table:
         return self._table.to_lance().to_table(columns=list(columns) if columns else None)
@@ -326,6 +363,11 @@ class CodeIndex:
         n = self.count()
         parts = num_partitions or max(1, int(np.sqrt(n)))
         self._table.create_index("code", config=IvfFlat(distance_type="hamming", num_partitions=parts))
+        self._version = None
+
+    def has_ivf(self) -> bool:
+        """Whether ``code`` has an IVF index (made by :meth:`create_ivf`) in the current version."""
+        return any("code" in list(i.columns) and "ivf" in str(i.index_type).lower() for i in self._table.list_indices())
 
     def search_ivf(
         self, query_codes: npt.ArrayLike, k: int = 10, *, nprobes: int = 20, where: str | None = None

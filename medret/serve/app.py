@@ -13,6 +13,7 @@ says what was wrong with which input.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import logging
@@ -84,6 +85,9 @@ class Service:
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
         self.engine = QueryEngine(cfg)
+        # the model gets a thread of its own: behind decoding and searching in the shared pool, a batch
+        # would wait for a free thread while new queries pile up elsewhere instead of in the batch queue
+        self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="medret-encode")
         # serve.batch lives in a Serve replica; elsewhere (tests, a plain ASGI server) each query encodes alone
         self.encode_batched: Callable[[Any], Awaitable[Any]] = self._encode_one
         if _get_internal_replica_context() is not None:
@@ -105,7 +109,11 @@ class Service:
         for members in groups.values():
             idx = items[members[0]][0]
             try:
-                codes = await asyncio.to_thread(self.engine.encode, idx, [items[i][1] for i in members])
+                loop = asyncio.get_running_loop()
+                images = [items[i][1] for i in members]
+                t0 = time.perf_counter()
+                codes = await loop.run_in_executor(self._model, self.engine.encode, idx, images)
+                obs.QUERY_MODEL_SECONDS.observe(time.perf_counter() - t0)
                 for j, i in enumerate(members):
                     out[i] = codes[j]
             except Exception as err:  # each caller gets its error, the batch goes on

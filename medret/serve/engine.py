@@ -65,6 +65,12 @@ class ServiceConfig(Frozen):
         description="source prefixes thumbnails may be read from (default: the sources the indexing jobs recorded)",
     )
     refresh_s: float = Field(default=5.0, ge=0, description="how often to look for a newer table version")
+    ivf_min_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="search tables at least this large through their IVF index (CodeIndex.create_ivf), if any",
+    )
+    ivf_nprobes: int = Field(default=20, ge=1, description="IVF partitions probed per query")
     token: str | None = Field(default=None, repr=False, description="bearer token; auth is on when set")
     max_upload_bytes: int = Field(default=64 << 20, ge=1024)
     pixel_budget: int = Field(default=50_000_000, ge=1, description="most pixels an upload may declare")
@@ -140,10 +146,18 @@ class QueryEngine:
         self._roots: dict[str, tuple[str, ...]] = {}
         self._thumbs: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._npz: OrderedDict[str, Any] = OrderedDict()
+        self._names: tuple[float, list[str]] | None = None
+        self._ivf: dict[tuple[str, int], bool] = {}
 
     # -- tables ------------------------------------------------------------------------
     def table_names(self) -> list[str]:
-        return [t for t in list_tables(self.cfg.index, self.cfg.s3) if not t.endswith("__manifest")]
+        """The code tables (manifests left out), listed again at most every ``refresh_s`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            if self._names is None or now - self._names[0] >= self.cfg.refresh_s:
+                names = [t for t in list_tables(self.cfg.index, self.cfg.s3) if not t.endswith("__manifest")]
+                self._names = (now, names)
+            return list(self._names[1])
 
     def default_table(self) -> str:
         if self.cfg.table:
@@ -327,7 +341,11 @@ class QueryEngine:
         if not 1 <= k <= self.cfg.max_k:
             raise ConfigError(f"k must be between 1 and {self.cfg.max_k}, got {k}")
         where = self.filters(filters or {})
-        (hits,) = idx.search(np.asarray(codes).reshape(1, -1), k + (1 if exclude else 0), where=where)
+        q, want = np.asarray(codes).reshape(1, -1), k + (1 if exclude else 0)
+        if self.use_ivf(idx):
+            (hits,) = idx.search_ivf(q, want, nprobes=self.cfg.ivf_nprobes, where=where)
+        else:
+            (hits,) = idx.search(q, want, where=where)
         rows = [self._row(r) for r in hits.to_pylist() if r["item_id"] != exclude][:k]
         for rank, r in enumerate(rows):
             r["rank"] = rank
@@ -344,6 +362,16 @@ class QueryEngine:
         else:
             out.pop("extra", None)
         return out
+
+    def use_ivf(self, idx: CodeIndex) -> bool:
+        """The approximate path, for tables at least ``ivf_min_rows`` large that have an IVF index."""
+        if self.cfg.ivf_min_rows is None:
+            return False
+        key = (idx.name, idx.version)
+        with self._lock:
+            if key not in self._ivf:
+                self._ivf[key] = idx.count() >= self.cfg.ivf_min_rows and idx.has_ivf()
+            return self._ivf[key]
 
     def item(self, table: str | None, item_id: str) -> dict[str, Any]:
         idx = self.index(table)
