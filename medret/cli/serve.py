@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 
 from medret.cli.train import parse_sets
@@ -42,13 +43,26 @@ def run(args: argparse.Namespace) -> int:
             **parse_sets(args.set),
         },
     )
-    url = start(cfg, host=args.host, port=args.port)
-    print(f"medret query service on {url} (web page), API docs at {url}docs; Ctrl-C stops it", flush=True)
+    from medret.runtime import ensure_ray
+
+    ensure_ray(log_to_driver=False)
+    # Ctrl-C and SIGTERM (systemd, Kubernetes) both shut Serve down cleanly, even while it starts. Installed
+    # after ray.init (which sets handlers of its own) and explicitly for SIGINT, which a shell that started
+    # us in the background may have left ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        url = start(cfg, host=args.host, port=args.port)
+        print(f"medret query service on {url} (web page), API docs at {url}docs; Ctrl-C stops it", flush=True)
         while True:
             time.sleep(3600)
     finally:
+        print("medret serve: shutting down", flush=True)
         stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def start(cfg: object, *, host: str = "127.0.0.1", port: int = 8000) -> str:

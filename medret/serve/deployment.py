@@ -25,6 +25,7 @@ class QueryDeployment:
         from medret.serve.app import Service
 
         self.service = Service(ServiceConfig.model_validate_json(config_json))
+        self.service.engine.warm()
 
     def __serve_build_asgi_app__(self) -> Any:
         from medret.serve.app import create_app

@@ -207,6 +207,14 @@ class QueryEngine:
         tiling = TilingConfig(**rec.get("tiling", {})).model_dump(mode="json")
         return {"kinds": kinds, "tiling": tiling}
 
+    def warm(self) -> None:
+        """Load the default table's codes and encoder and run one search, so the first query is fast."""
+        try:
+            idx = self.index()
+            self.search(idx, self.encode(idx, [np.zeros(idx.encoder.input_size, np.float32)])[0], 1)
+        except MedretError as err:  # an empty index or a missing checkpoint: the requests will say so
+            log.warning("warm-up skipped: %s", err)
+
     # -- the encoder -------------------------------------------------------------------
     def encoder(self, idx: CodeIndex) -> Encoder:
         """The table's encoder, loaded once; its id must equal the table's."""
