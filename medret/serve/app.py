@@ -44,7 +44,7 @@ from medret.errors import (
     UnsupportedFormatError,
 )
 from medret.index.store import CodeIndex
-from medret.serve.engine import Forbidden, NotFound, QueryEngine, ServiceConfig
+from medret.serve.engine import Forbidden, NotFound, QueryEngine, ServiceConfig, UploadTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def status_of(err: BaseException) -> int:
         return 404
     if isinstance(err, Forbidden):
         return 403
-    if isinstance(err, PixelBudgetError) or (isinstance(err, MedretError) and "over the upload limit" in str(err)):
+    if isinstance(err, (PixelBudgetError, UploadTooLarge)):
         return 413
     if isinstance(err, UnsupportedFormatError):
         return 415

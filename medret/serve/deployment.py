@@ -10,7 +10,8 @@ from typing import Any
 
 from ray import serve
 
-from medret.config import ConfigError, format_validation_error
+from medret.config import format_validation_error
+from medret.errors import ConfigError
 from medret.serve.engine import ServiceConfig
 
 APP_NAME = "medret"

@@ -97,6 +97,10 @@ class Forbidden(MedretError, PermissionError):
     """The request would read outside the configured roots (HTTP 403)."""
 
 
+class UploadTooLarge(DataError):
+    """An upload is over the configured size limit (HTTP 413)."""
+
+
 @dataclass
 class Query:
     """One uploaded image, preprocessed for a table's encoder."""
@@ -262,7 +266,7 @@ class QueryEngine:
 
         name = Path(filename or "upload").name[:200] or "upload"
         if len(data) > self.cfg.max_upload_bytes:
-            raise DataError(f"{name}: {len(data)} bytes is over the upload limit of {self.cfg.max_upload_bytes}")
+            raise UploadTooLarge(f"{name}: {len(data)} bytes is over the upload limit of {self.cfg.max_upload_bytes}")
         if kind not in QUERY_KINDS:
             raise ConfigError(f"kind must be one of {', '.join(QUERY_KINDS)}, got {kind[:40]!r}")
         t0 = time.perf_counter()
@@ -479,8 +483,7 @@ class QueryEngine:
             from medret.io.volume import read_nifti
 
             prepared = RECIPES.get(rec["kinds"]["nifti"])(read_nifti(data, name=source), input_size=size)
-            want = suffix
-            return next((p.image for p in prepared if p.suffix == want), prepared[len(prepared) // 2].image)
+            return next((p.image for p in prepared if p.suffix == suffix), prepared[len(prepared) // 2].image)
         if kind == "dicom":
             from medret.io.dicom import read_dicom
 
