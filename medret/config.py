@@ -9,7 +9,7 @@ written beside a job's outputs with :func:`save_resolved`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -146,6 +146,32 @@ def load_config(
         return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from err
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[x, y]"]`` -> ``{"a.b": 1, "c": ["x", "y"]}`` (values are YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"overrides are dotted.key=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def job_args(doc: str, argv: Sequence[str] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """The command line every ``jobs/*.py`` takes: ``[--config FILE] [dotted.key=value ...]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML file with the job's config fields")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value (YAML values), e.g. index.uri=s3://b/index")
+    args = ap.parse_args(argv)
+    try:
+        return args.config, parse_sets(args.overrides)
+    except ConfigError as err:
+        ap.error(str(err))
+        raise  # unreachable: ap.error exits
 
 
 def save_resolved(config: BaseModel, directory: str | os.PathLike[str]) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 import boto3
 
 MEDRET = [sys.executable, "-m", "medret.cli.main"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -33,15 +34,21 @@ def test_help_imports_nothing_heavy() -> None:
 
 
 def test_bad_config_value_is_a_clear_error(tmp_path: Path) -> None:
-    res = run("demo", "--bits", "50", "--out", str(tmp_path))
+    res = run("demo", "--train-samples", "10", "--out", str(tmp_path))
     assert res.returncode == 1
-    assert "bits" in res.stderr and "50" in res.stderr and "multiple of 8" in res.stderr
+    assert "train_samples" in res.stderr and "10" in res.stderr and "greater than or equal to 64" in res.stderr
     assert "Traceback" not in res.stderr
 
 
-def test_demo_indexes_and_evaluates(tmp_path: Path, data_dir: Path) -> None:
-    out = tmp_path / "out"
-    res = run("demo", "--json", "--out", str(out), "--index", str(tmp_path / "index"))
+def job(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / script), *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_medmnist_index_job_indexes_and_evaluates(tmp_path: Path, data_dir: Path) -> None:
+    out, index = tmp_path / "out", tmp_path / "index"
+    res = job("medmnist_index.py", f"out={out}", f"index.uri={index}")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["encoder"]["method"] == "default" and summary["encoder"]["bits"] == 48
@@ -52,12 +59,15 @@ def test_demo_indexes_and_evaluates(tmp_path: Path, data_dir: Path) -> None:
     assert len(summary["samples"]) == 4 and len(summary["samples"][0]["hits"]) == 10
     assert (out / "config.resolved.yaml").is_file() and (out / "medmnist_index.json").is_file()
     # a length the shipped encoder does not make is refused with the remedy
-    res = run("demo", "--bits", "32", "--out", str(out), "--index", str(tmp_path / "index"))
+    res = job("medmnist_index.py", "bits=32", f"out={out}", f"index.uri={index}")
     assert res.returncode == 1 and "makes 48-bit codes; use encoder 'pca-itq'" in res.stderr
-    # the human-readable form, with the training-free baseline
-    res = run("demo", "--encoder", "pca-itq", "--bits", "16", "--out", str(out), "--index", str(tmp_path / "index"))
+    assert "Traceback" not in res.stderr
+    res = job("medmnist_index.py", "bits=50", f"out={out}")
+    assert res.returncode == 1 and "multiple of 8" in res.stderr and "Traceback" not in res.stderr
+    # the training-free baseline at another length
+    res = job("medmnist_index.py", "encoder=pca-itq", "bits=16", f"out={out}", f"index.uri={index}")
     assert res.returncode == 0, res.stderr
-    assert "macro (organ mean)" in res.stdout and "mAP@100" in res.stdout
+    assert json.loads(res.stdout)["encoder"]["bits"] == 16
 
 
 def test_dev_s3_serves_until_interrupted(tmp_path: Path) -> None:

@@ -1,32 +1,46 @@
-"""``medret demo``: the main job on embedded defaults (local LanceDB, data from ../shared/data)."""
+"""``medret demo``: S3, training, the backfill job, the query service and its page, on one machine."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
+import time
 from typing import Any
 
 METRICS = ("mAP@10", "mAP@100", "mAP@1000", "P@10", "nDCG@10", "nDCG@100", "mAP@100 (organ)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (fields of MedmnistIndexConfig)")
-    parser.add_argument("--data", help="data folder holding medmnist/*.npz (default: $MEDRET_DATA or ../shared/data)")
+    parser.add_argument("--config", help="YAML file with DemoConfig fields (medret/pipelines/demo.py)")
     parser.add_argument(
-        "--file", dest="files", action="append", help="a MedMNIST-layout .npz to use instead (repeatable)"
+        "--data",
+        help="data folder (medmnist/*.npz; dicom/, cxr/, wsi/, mri/ used when present); "
+        "default: $MEDRET_DATA, ../shared/data, else the public samples are downloaded",
     )
-    parser.add_argument("--index", help="index URI: local folder or s3://bucket/prefix (default: medret-out/index)")
-    parser.add_argument("--table", help="table name (default: medmnist4)")
-    parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// URIs")
+    parser.add_argument("--index", help="index URI, a folder or s3://bucket/prefix (default: s3://BUCKET/index)")
     parser.add_argument(
-        "--encoder", help="'default' (shipped deep hashing encoder), an encoder.npz, or 'pca-itq' (fitted here)"
+        "--s3-endpoint", help="use this S3-compatible server (credentials from AWS_*) instead of starting SeaweedFS"
     )
-    parser.add_argument("--bits", type=int, help="code length for --encoder pca-itq (default: 48)")
-    parser.add_argument("--k", type=int, help="results per sample query (default: 10)")
+    parser.add_argument("--bucket", help="bucket for the archive, checkpoints and index (default: medret-demo)")
+    parser.add_argument("--table", help="code table name (default: demo)")
     parser.add_argument(
-        "--out", help="output folder for the encoder, resolved config and summary (default: medret-out)"
+        "--no-train", dest="train", action="store_false", default=None, help="index with the shipped encoder"
     )
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 1)")
+    parser.add_argument("--train-samples", type=int, help="training samples per epoch (default: 6144)")
+    parser.add_argument(
+        "--gallery-per-organ", type=int, help="archive only N gallery images per organ, every class kept (a quick look)"
+    )
+    parser.add_argument("--use-gpu", action="store_true", default=None, help="train on a GPU")
+    parser.add_argument("--host", help="query service host (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="query service port (default: 8000)")
+    parser.add_argument("--out", help="output folder (default: medret-out/demo)")
+    parser.add_argument(
+        "--no-wait", dest="wait", action="store_false", default=None, help="stop everything after the report"
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON (progress goes to stderr)")
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -39,43 +53,77 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report(summary: dict[str, Any]) -> str:
+    lines = []
+    for s in summary["samples"]:
+        lines.append(f"\nquery {s['upload']} ({s['truth']}), {s['timings_ms']['total']:.0f} ms:")
+        for h in s["results"]:
+            meta = h.get("metadata") or {}
+            label = f"{meta.get('dataset') or meta.get('modality') or ''} {meta.get('label') or ''}".strip()
+            lines.append(f"  {h['rank'] + 1:2d}. distance {h['distance']:3d}  {label:<24} {h['source_uri']}")
+    m = summary["metrics"]
+    lines.append(
+        f"\nRetrieval on the medmnist-4 query split ({m['queries']} queries against the {summary['index']['table']} "
+        "table's codes; strict = same organ and class):"
+    )
+    lines.append(format_table(m))
+    lines.append(f"(index codes equal to direct encoding: {m['index_codes_equal_direct_encoding']})")
+    t = summary["timings"]
+    stages = ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items() if k != "total_s")
+    lines.append(f"\nDone in {t['total_s']:.0f}s ({stages}).")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from medret.config import load_config
-    from medret.pipelines.medmnist_index import MedmnistIndexConfig
-    from medret.pipelines.medmnist_index import run as run_job
+    from medret.pipelines.demo import Demo, DemoConfig
+    from medret.pipelines.demo import run as run_demo
 
     cfg = load_config(
-        MedmnistIndexConfig,
+        DemoConfig,
         args.config,
         overrides={
             "data": args.data,
-            "files": args.files,
-            "index.uri": args.index,
-            "index.table": args.table,
+            "index": args.index,
             "s3.endpoint_url": args.s3_endpoint,
-            "encoder": args.encoder,
-            "bits": args.bits,
-            "k": args.k,
+            "bucket": args.bucket,
+            "table": args.table,
+            "train": args.train,
+            "epochs": args.epochs,
+            "train_samples": args.train_samples,
+            "use_gpu": args.use_gpu,
+            "gallery_per_organ": args.gallery_per_organ,
+            "host": args.host,
+            "port": args.port,
             "out": args.out,
+            "wait": args.wait,
         },
     )
-    summary = run_job(cfg, progress=not args.json)
+    # Ctrl-C and SIGTERM stop every piece, even when started in the background (SIGINT inherited ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    out = sys.stdout
     if args.json:
-        print(json.dumps(summary, indent=2))
-        return 0
-    print(
-        f"\nIndex {summary['index']['uri']} table {summary['index']['table']}: "
-        f"{summary['index']['rows']} rows, version {summary['index']['version']}, encoder {summary['encoder_id']}"
-    )
-    for s in summary["samples"]:
-        print(f"\nquery {s['query']} ({s['query_label']}):")
-        for rank, h in enumerate(s["hits"], 1):
-            mark = "+" if h["label"] == s["query_label"] else " "
-            print(f"  {rank:2d}. {mark} {h['item_id']:<22} distance {h['distance']:3d}  {h['label']}")
-    m = summary["metrics"]
-    print(f"\nRetrieval on the medmnist-4 query split ({m['queries']} queries, strict = same organ and class):")
-    print(format_table(m))
-    t = summary["timings"]
-    stages = f"fit {t['fit_s']:.1f}s, index {t['index_s']:.1f}s, search {t['search_s']:.1f}s"
-    print(f"\nDone in {t['total_s']:.1f}s ({stages}).")
-    return 0
+        sys.stdout = sys.stderr  # progress goes to stderr; stdout carries the JSON summary alone
+    demo = Demo(cfg, stream=sys.stderr if args.json else sys.stdout)
+    rc = 130
+    try:
+        summary = run_demo(cfg, demo)
+        print(json.dumps(summary, indent=1) if args.json else report(summary), file=out, flush=True)
+        rc = 0
+        if cfg.wait:
+            demo.say(f"web page: {summary['url']}  (API docs {summary['url']}docs, metrics {summary['url']}metrics)")
+            demo.say("everything keeps running; Ctrl-C stops it")
+            while True:  # signal.pause() also returns for signals other libraries handle (Ray's)
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        demo.say("interrupted: shutting down")
+    finally:
+        demo.close()
+        sys.stdout = out
+    demo.say("stopped cleanly")
+    return rc
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

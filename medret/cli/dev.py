@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
             "Ctrl-C stops it.",
             flush=True,
         )
-        signal.pause()
+        while True:  # until SIGINT / SIGTERM (signal.pause() also returns for other handled signals)
+            time.sleep(3600)
     finally:
         server.stop()
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from medret.cli.train import parse_sets
+from medret.config import parse_sets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

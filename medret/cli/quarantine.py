@@ -42,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _retry(args: argparse.Namespace, rows: list[dict[str, object]], s3: object) -> int:
     from medret.cli.index import report
-    from medret.cli.train import parse_sets
-    from medret.config import load_config
+    from medret.config import load_config, parse_sets
     from medret.errors import ConfigError
     from medret.index.store import CodeIndex
     from medret.pipelines.backfill import run_index

@@ -6,7 +6,7 @@ import argparse
 import signal
 import time
 
-from medret.cli.train import parse_sets
+from medret.config import parse_sets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,22 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    from medret.errors import ConfigError
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
-    from medret.config import load_config
+    from medret.config import load_config, parse_sets
     from medret.train.config import TrainConfig
     from medret.train.trainer import fit
 

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from medret import observability as obs
 from medret.config import save_resolved
-from medret.errors import ConfigError, DataError
+from medret.errors import ConfigError, DataError, MedretError
 from medret.index.manifest import Entry, Manifest
 from medret.index.store import CodeIndex
 from medret.models.encoder import EncoderConfig
@@ -429,21 +429,11 @@ def _write_outputs(out: Path, summary: Summary) -> None:
 
 def job_main(doc: str, *, incremental: bool, argv: list[str] | None = None) -> None:
     """The command line of ``jobs/backfill.py`` and ``jobs/incremental.py``: a config plus dotted overrides."""
-    import argparse
+    from medret.config import job_args, load_config
 
-    import yaml
-
-    from medret.config import load_config
-
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config")
-    ap.add_argument("overrides", nargs="*", help="dotted.key=value (YAML values), e.g. index.uri=s3://b/index")
-    args = ap.parse_args(argv)
-    overrides: dict[str, Any] = {"incremental": incremental}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"overrides are dotted.key=value, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    summary = run_index(load_config(IndexJobConfig, args.config, overrides=overrides))
+    config, overrides = job_args(doc, argv)
+    try:
+        summary = run_index(load_config(IndexJobConfig, config, overrides={"incremental": incremental, **overrides}))
+    except MedretError as err:  # a bad config value or source: the message says which; no traceback
+        raise SystemExit(f"{'incremental' if incremental else 'backfill'} job: {err}") from None
     print(json.dumps(summary.to_dict(), indent=1))

@@ -21,6 +21,7 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,6 +36,7 @@ from medret.storage.objects import LocalStore, ObjectStore
 log = logging.getLogger(__name__)
 
 #: index columns an item may set from its metadata (the rest of the metadata goes to ``extra``)
+READ_AHEAD = 8  # whole-object GETs in flight per read task
 META_COLUMNS = ("modality", "dataset", "label", "study_uid", "series_uid", "instance_uid")
 STRING_COLUMNS = ("item_id", "uri", "etag", "kind", "unit_id", "error", *META_COLUMNS, "slide_id", "extra")
 
@@ -176,14 +178,25 @@ def _recipe(ctx: StageContext, kind: str) -> Any:
     return RECIPES.get(ctx.recipes[kind])
 
 
-def _items_of(ctx: StageContext, unit: dict[str, Any]) -> tuple[list[_Item], int, float]:
+def _read(ctx: StageContext, key: str) -> tuple[bytes, float]:
+    t0 = time.perf_counter()
+    data = ctx.store.read_bytes(key)
+    return data, time.perf_counter() - t0
+
+
+def _items_of(
+    ctx: StageContext, unit: dict[str, Any], fetched: Future[tuple[bytes, float]] | None = None
+) -> tuple[list[_Item], int, float]:
     """Items of one unit, the bytes read, and the seconds spent reading (the rest is preprocessing)."""
     kind, key, label = unit["kind"], unit["key"], unit["uri"]
     if kind == "wsi":
         return _tiles(ctx, unit)
-    t0 = time.perf_counter()
-    data = ctx.store.read_bytes(key)
-    read_s = time.perf_counter() - t0
+    if fetched is not None:  # read ahead on a thread: count only the time this task waited for it
+        t0 = time.perf_counter()
+        data = fetched.result()[0]
+        read_s = time.perf_counter() - t0
+    else:
+        data, read_s = _read(ctx, key)
     size = ctx.input_size
     if kind == "medmnist":
         return _medmnist_items(ctx, data, label), len(data), read_s
@@ -260,16 +273,31 @@ def load(batch: dict[str, npt.NDArray[Any]], ctx: StageContext) -> dict[str, npt
     rows: list[dict[str, Any]] = []
     images: list[npt.NDArray[np.float32]] = []
     blank = np.zeros(ctx.input_size, np.float32)
-    n_units = len(batch["uri"])
-    for u in range(n_units):
-        unit = {k: v[u] for k, v in batch.items()}
+    units = [{k: v[u] for k, v in batch.items()} for u in range(len(batch["uri"]))]
+    # whole objects are fetched READ_AHEAD at a time on threads while earlier ones are decoded:
+    # object-store GETs cost milliseconds each, which one-at-a-time reads would add up
+    wanted = [u for u, unit in enumerate(units) if not unit["error"] and unit["kind"] != "wsi"]
+    order = {u: position for position, u in enumerate(wanted)}
+    fetches: dict[int, Future[tuple[bytes, float]]] = {}
+    pool = ThreadPoolExecutor(READ_AHEAD) if len(wanted) > 1 else None
+
+    def ahead(position: int) -> None:
+        if pool is not None and position < len(wanted):
+            u = wanted[position]
+            fetches[u] = pool.submit(_read, ctx, str(units[u]["key"]))
+
+    for position in range(READ_AHEAD):
+        ahead(position)
+    for u, unit in enumerate(units):
         unit_id = f"{unit['uri']}@{unit['unit_index']}"
         t0 = time.perf_counter()
         error, nbytes, read_s = str(unit["error"]), 0, 0.0
         items: list[_Item] = []
+        if u in fetches:
+            ahead(order[u] + READ_AHEAD)
         if not error:
             try:
-                items, nbytes, read_s = _items_of(ctx, unit)
+                items, nbytes, read_s = _items_of(ctx, unit, fetches.pop(u, None))
             except Exception as err:
                 error, items = error_text(err), []
         total_s = time.perf_counter() - t0
@@ -304,6 +332,8 @@ def load(batch: dict[str, npt.NDArray[Any]], ctx: StageContext) -> dict[str, npt
                 }
             )
             images.append(it.image)
+    if pool is not None:
+        pool.shutdown()
     return _to_columns(rows, np.stack(images).astype(np.float32, copy=False))
 
 

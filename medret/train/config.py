@@ -33,6 +33,11 @@ class TrainConfig(Frozen):
         default=0.5, ge=0, le=1, description="sample organs with weight n^-balance: 0 natural, 1 equal"
     )
     samples_per_epoch: int | None = Field(default=None, ge=1, description="default: the training set size")
+    init: str | None = Field(
+        default=None,
+        description="start from this encoder's weights ('default', an encoder.npz or a training folder): "
+        "fine-tuning; its method, bits and architecture must be this run's",
+    )
     augment: bool = True
     seed: int = 0
     num_workers: int = Field(default=2, ge=1)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medret.errors import ConfigError
 from medret.eval.retrieval import leave_one_out_map
 from medret.methods import METHODS, Method
 from medret.models.encoder import EncoderConfig
@@ -101,6 +102,18 @@ def load_state(checkpoint: Any) -> dict[str, Any]:
     return dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
 
+def init_weights(method: Method, spec: str) -> None:
+    """Load a trained encoder's weights into ``method.encoder`` (fine-tuning); refuse one that does not fit."""
+    from medret.models.pretrained import encoder_path
+
+    path = encoder_path(spec)
+    source = TorchHashEncoder(path=path)
+    try:
+        method.encoder.load_state_dict(source.module.state_dict())
+    except RuntimeError as err:
+        raise ConfigError(f"init {spec!r} ({path}): its weights do not fit this run's encoder: {err}") from err
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -131,6 +144,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if checkpoint:
         state = load_state(checkpoint)
         method.load_state_dict(state["method"])
+    elif cfg.init:
+        init_weights(method, cfg.init)
     model = ray.train.torch.prepare_model(method)
     device = ray.train.torch.get_device()
     lr = float(cfg.resolved("lr"))

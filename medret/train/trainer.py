@@ -95,6 +95,21 @@ def hardware(cfg: TrainConfig) -> str:
     return f"{cfg.num_workers} CPU worker(s) on {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+def check_init(cfg: TrainConfig) -> None:
+    """Refuse, before any worker starts, an ``init`` encoder made by another method, code length or backbone."""
+    if not cfg.init:
+        return
+    from medret.models.encoder import load_encoder
+    from medret.models.pretrained import encoder_path
+
+    path = encoder_path(cfg.init)
+    have = load_encoder(path).config
+    want = {"method": cfg.method, "bits": cfg.bits, "architecture": cfg.resolved("architecture")}
+    got = {"method": have.method, "bits": have.bits, "architecture": have.architecture}
+    if got != want:
+        raise ConfigError(f"init {cfg.init!r} ({path}) is {got}, but this run trains {want}")
+
+
 def fit(cfg: TrainConfig) -> TrainReport:
     """Train ``cfg`` through Ray Train and export the best epoch's encoder to ``output/encoder.npz``."""
     import ray
@@ -103,6 +118,7 @@ def fit(cfg: TrainConfig) -> TrainReport:
 
     from medret.train.loop import ENCODER, META, train_loop
 
+    check_init(cfg)
     ensure_ray()
     resources, threads = worker_resources(cfg, ray.cluster_resources())
     fs, storage = arrow_filesystem(cfg.storage_path, cfg.s3)
