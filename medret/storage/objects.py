@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -207,6 +208,9 @@ def _s3_error(err: Exception, what: str) -> StorageError:
     return StorageError(f"{what}: {err}")
 
 
+_CLIENT_LOCK = threading.Lock()
+
+
 class S3Store(ObjectStore):
     def __init__(self, root: StorageURI, cfg: S3Config | None = None, *, page_size: int = 1000):
         self.root = root
@@ -216,8 +220,12 @@ class S3Store(ObjectStore):
 
     @property
     def client(self) -> Any:
+        # one client per store, also when threads (a read task's read-ahead) ask at once:
+        # making a boto3 client takes ~50 ms and several made together serialise on botocore's locks
         if self._client is None:
-            self._client = s3_client(self.cfg)
+            with _CLIENT_LOCK:
+                if self._client is None:
+                    self._client = s3_client(self.cfg)
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:  # boto3 clients do not pickle (Ray tasks)
