@@ -40,6 +40,19 @@ def test_bad_config_value_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
 
 
+def test_demo_refuses_a_taken_port_before_doing_anything(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = run("demo", "--port", str(port), "--out", str(tmp_path / "out"))
+    assert res.returncode == 1
+    assert f"--port {port}: 127.0.0.1:{port} is not free" in res.stderr and "pass --port N" in res.stderr
+    assert not (tmp_path / "out" / "s3").exists()  # no S3 server was started
+
+
 def job(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / script), *args], capture_output=True, text=True, timeout=300

@@ -132,3 +132,17 @@ def test_checkpoints_go_to_s3_and_resume_from_there(
     again = fit(cfg.model_copy(update={"epochs": 2}))
     assert [h["start_epoch"] for h in again.history] == [0, 1]
     assert (tmp_path / "out" / "encoder.npz").is_file()
+
+
+def test_init_from_an_encoder_of_another_shape_is_refused_before_workers_start() -> None:
+    from medret.errors import ConfigError
+    from medret.train.config import TrainConfig
+    from medret.train.trainer import check_init
+
+    check_init(TrainConfig(init="default"))  # the shipped default: method default, 48 bits, resnet
+    with pytest.raises(ConfigError, match=r"init 'default' .* is \{'method': 'default', 'bits': 48.*this run trains"):
+        check_init(TrainConfig(init="default", bits=32))
+    with pytest.raises(ConfigError, match="'method': 'dnhn'"):
+        check_init(TrainConfig(init="default", method="dnhn"))
+    with pytest.raises(ConfigError, match="neither a file"):
+        check_init(TrainConfig(init="/nonexistent/encoder.npz"))

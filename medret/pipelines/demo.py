@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import Field
 
 from medret.config import Frozen, IndexConfig, S3Config, save_resolved
-from medret.errors import DataError
+from medret.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,22 @@ def post_search(url: str, name: str, body: bytes, **form: Any) -> dict[str, Any]
         return dict(json.loads(r.read()))
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a query-service address that is already taken, naming it and the way out."""
+    import socket
+
+    if port == 0:
+        return
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise ConfigError(
+                f"--port {port}: {host}:{port} is not free ({err.strerror}); another medret demo or serve may be "
+                "running there: stop it or pass --port N"
+            ) from None
+
+
 def first_per_organ(split: Any, part: str, n: int) -> Any:
     """The split with ``part`` cut to ``n`` images of each organ, evenly spaced through the benchmark order
     (which runs class by class, so every class keeps its share); the order is kept."""
@@ -378,6 +394,7 @@ def run(cfg: DemoConfig, demo: Demo) -> dict[str, Any]:
     """Stages 1-7; the caller waits and calls ``demo.close()``."""
     from medret.eval.benchmarks import medmnist4
 
+    check_port(cfg.host, cfg.port)  # before minutes of work, not after
     out = demo.out
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out)
