@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -389,3 +390,25 @@ def test_on_error_fail_stops_the_job(tmp_path: Path, data_dir: Path) -> None:
     cfg = IndexJobConfig(source=str(src), index={"uri": str(tmp_path / "i")}, on_error="fail", out=str(tmp_path))
     with pytest.raises(DataError, match="a.dcm"):
         run_index(cfg)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_reading_is_not_fused_into_the_encoder_actors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Read tasks and encoder actors stay separate operators (without Ray's deprecated ray_remote_args_fn)."""
+    from medret.models.pretrained import encoder_path
+    from medret.pipelines.backfill import _objects_dataset
+    from medret.pipelines.config import TilingConfig
+    from medret.pipelines.sources import SourceObject
+    from medret.pipelines.stages import StageContext
+
+    todo = [SourceObject(f"{tmp_path}/{i}.png", f"{i}.png", "e", 1, "raster") for i in range(3)]
+    cfg = IndexJobConfig(source=str(tmp_path))
+    ctx = StageContext(open_store(str(tmp_path)), (28, 28), {}, TilingConfig())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = _objects_dataset(todo, cfg, ctx, encoder_path("default").read_bytes())
+    assert not [w for w in caught if "ray_remote_args_fn" in str(w.message)]
+    ds.explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
+    assert "ActorPoolMapOperator[MapBatches(Encode)]" in physical, physical
+    assert "TaskPoolMapOperator[MapBatches(load)]" in physical, physical

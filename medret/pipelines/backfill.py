@@ -267,11 +267,14 @@ def _objects_dataset(todo: list[SourceObject], cfg: IndexJobConfig, ctx: StageCo
     blocks = max(1, min(len(items), (len(items) + r.read_batch - 1) // r.read_batch, 1000))
     ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.flat_map(functools.partial(expand, ctx=ctx), num_cpus=r.read_cpus)
-    # A ray_remote_args_fn keeps Ray Data from fusing reading into the encoder actors:
-    # reading scales with CPU tasks, encoding with the (few, maybe GPU) actors.
-    read_args = {"num_cpus": r.read_cpus}
+    # Reading must not be fused into the encoder actors: it scales with CPU tasks, encoding with
+    # the (few, maybe GPU) actors. Ray Data fuses a task map into an actor map only when their
+    # resource requests are equal; the read tasks' memory reservation makes them differ.
     ds = ds.map_batches(
-        functools.partial(load, ctx=ctx), batch_size=r.read_batch, ray_remote_args_fn=lambda: dict(read_args)
+        functools.partial(load, ctx=ctx),
+        batch_size=r.read_batch,
+        num_cpus=r.read_cpus,
+        memory=r.read_memory_mb * 2**20,
     )
     from ray.data import ActorPoolStrategy
 

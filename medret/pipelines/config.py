@@ -59,6 +59,12 @@ class Resources(Frozen):
 
     read_cpus: float = Field(default=0.5, gt=0, description="CPUs per read/decode/preprocess task")
     read_batch: int = Field(default=32, ge=1, description="objects per read task (small objects are batched)")
+    read_memory_mb: int = Field(
+        default=256,
+        ge=1,
+        description="memory each read task reserves; the differing resource request also keeps Ray Data "
+        "from fusing reading into the encoder actors",
+    )
     encode_cpus: float = Field(default=0.5, ge=0, description="CPUs per encoder actor")
     encode_gpus: float = Field(default=0.0, ge=0, description="GPUs per encoder actor (0: CPU encoding)")
     encode_actors: tuple[int, int] = Field(default=(1, 2), description="min and max encoder actors")
