@@ -139,13 +139,21 @@ def job_config_of(entrypoint: str) -> tuple[str, Any]:
     return script, load_config(model[script], None, overrides=parse_sets(overrides))  # type: ignore[type-var]
 
 
-def test_rayjob_backfill_runs_the_repos_backfill_with_gpu_encoders() -> None:
-    doc = load("deploy/kuberay/rayjob-backfill.yaml")
+def rayjob(path: str, script: str) -> tuple[dict[str, Any], Any]:
+    """A RayJob manifest's spec, checked as a RayJob whose cluster KubeRay accepts and whose entrypoint
+    runs ``script``, and the job config its overrides make."""
+    doc = load(path)
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
     spec = doc["spec"]
     check_ray_cluster(spec["rayClusterSpec"])
-    script, cfg = job_config_of(spec["entrypoint"])
-    assert script == "jobs/backfill.py" and cfg.source.startswith("s3://") and cfg.index.uri.startswith("s3://")
+    ran, cfg = job_config_of(spec["entrypoint"])
+    assert ran == script
+    return spec, cfg
+
+
+def test_rayjob_backfill_runs_the_repos_backfill_with_gpu_encoders() -> None:
+    spec, cfg = rayjob("deploy/kuberay/rayjob-backfill.yaml", "jobs/backfill.py")
+    assert cfg.source.startswith("s3://") and cfg.index.uri.startswith("s3://")
     assert cfg.resources.encode_gpus == 1 and cfg.metrics_port == 9100
     groups = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}
     gpu = groups["gpu-encoders"]["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -157,12 +165,8 @@ def test_rayjob_backfill_runs_the_repos_backfill_with_gpu_encoders() -> None:
 
 
 def test_rayjob_train_runs_the_repos_train_job_one_gpu_per_worker() -> None:
-    doc = load("deploy/kuberay/rayjob-train.yaml")
-    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
-    spec = doc["spec"]
-    check_ray_cluster(spec["rayClusterSpec"])
-    script, cfg = job_config_of(spec["entrypoint"])
-    assert script == "jobs/train.py" and cfg.use_gpu and cfg.storage_path.startswith("s3://")
+    spec, cfg = rayjob("deploy/kuberay/rayjob-train.yaml", "jobs/train.py")
+    assert cfg.use_gpu and cfg.storage_path.startswith("s3://")
     (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == cfg.num_workers
     for c in containers(spec["rayClusterSpec"]):

