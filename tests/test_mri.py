@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medret.errors import DataError
-from medret.io.volume import Volume, read_dicom_series, read_nifti
+from medret.io.volume import Volume, dicom_series, read_dicom_series, read_nifti
 from medret.preprocess.mri.bias import n4_correct
 from medret.preprocess.mri.normalize import normalize
 from medret.preprocess.mri.orient import reorient
@@ -72,36 +71,11 @@ def test_reorient_preserves_world(colin: tuple[Volume, Volume]) -> None:
 
 
 def write_series(vol: Volume, folder: Path) -> list[Path]:
-    """Write a real volume as a DICOM MR series (one file per slice, shuffled names)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    series, study = generate_uid(), generate_uid()
-    d = np.array(vol.direction).reshape(3, 3)
-    order = list(range(vol.array.shape[0]))
-    random.Random(3).shuffle(order)
+    """Write a real volume as a DICOM MR series (one file per slice, shuffled names, with patient names)."""
     paths = []
-    for n, k in enumerate(order):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"{n:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "MR"
-        ds.PatientName, ds.PatientID = "Doe^Jane", "PID-12345"
-        ds.ImageOrientationPatient = [float(x) for x in (*d[:, 0], *d[:, 1])]
-        pos = np.array(vol.origin) + d[:, 2] * vol.spacing[2] * k
-        ds.ImagePositionPatient = [float(x) for x in pos]
-        ds.PixelSpacing = [vol.spacing[1], vol.spacing[0]]
-        ds.SliceThickness = vol.spacing[2]
-        plane = vol.array[k].astype(np.uint16)
-        ds.Rows, ds.Columns = plane.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = plane.tobytes()
-        ds.save_as(ds.filename, enforce_file_format=True)
-        paths.append(Path(ds.filename))
+    for name, data in dicom_series(vol, attrs={"PatientName": "Doe^Jane", "PatientID": "PID-12345"}, seed=3):
+        (folder / name).write_bytes(data)
+        paths.append(folder / name)
     return paths
 
 

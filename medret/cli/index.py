@@ -20,6 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", default=None, help="re-index objects already indexed at the same etag"
     )
+    parser.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="PATTERN=KIND",
+        help="read keys matching the glob PATTERN as KIND (checked before the built-in routes), e.g. "
+        "'mri/*.dcm=dicom-series' to read each folder's slice files as one series; kinds: "
+        "dicom, dicom-series, raster, nifti, wsi, medmnist, sidecar, skip, auto",
+    )
     parser.add_argument("--on-error", choices=["quarantine", "skip", "fail"], help="what bad objects do to the job")
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// sources and indexes")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port while running")
@@ -34,7 +43,7 @@ def config_from(args: argparse.Namespace, **extra: object) -> object:
     from medret.config import load_config
     from medret.pipelines.config import IndexJobConfig
 
-    overrides = {
+    overrides: dict[str, object] = {
         "source": args.source,
         "index.uri": args.index,
         "index.table": args.table,
@@ -49,7 +58,18 @@ def config_from(args: argparse.Namespace, **extra: object) -> object:
         **parse_sets(args.set),
         **extra,
     }
+    if args.route:
+        overrides["routes"] = [_route(r) for r in args.route]
     return load_config(IndexJobConfig, args.config, overrides=overrides)
+
+
+def _route(text: str) -> dict[str, str]:
+    from medret.errors import ConfigError
+
+    pattern, sep, kind = text.rpartition("=")
+    if not sep or not pattern:
+        raise ConfigError(f"--route {text!r}: expected PATTERN=KIND, e.g. 'mri/*.dcm=dicom-series'")
+    return {"pattern": pattern, "kind": kind}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -224,3 +224,63 @@ def read_dicom_series(sources: Sequence[tuple[str, bytes]]) -> list[Volume]:
 
 READERS.register("nifti")(read_nifti)
 READERS.register("dicom-series")(read_dicom_series)
+
+
+def dicom_series(
+    volume: Volume, *, modality: str = "MR", attrs: dict[str, Any] | None = None, seed: int | None = None
+) -> list[tuple[str, bytes]]:
+    """A volume as a DICOM series, one ``(file name, bytes)`` per slice: how scanners store MRI and CT.
+
+    For tests and the demo (a NIfTI volume becomes the slice files an archive would hold). Integer
+    data that fits 16 bits is stored as is; anything else through RescaleSlope/Intercept. ``attrs``
+    adds attributes to every slice; ``seed`` shuffles the file names against the slice order, as
+    archives do. No patient attributes are written unless ``attrs`` has them.
+    """
+    import io
+    import random
+
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    a = volume.array
+    lo, hi = float(a.min()), float(a.max())
+    integral = np.issubdtype(a.dtype, np.integer) or bool(np.all(np.mod(a, 1) == 0))
+    if integral and lo >= 0 and hi <= 65535:
+        stored, signed, slope, intercept = a.astype(np.uint16), 0, 1.0, 0.0
+    elif integral and lo >= -32768 and hi <= 32767:
+        stored, signed, slope, intercept = a.astype(np.int16), 1, 1.0, 0.0
+    else:
+        slope = (hi - lo) / 65535 or 1.0
+        stored, signed, intercept = np.round((a - lo) / slope).astype(np.uint16), 0, lo
+    series, study = generate_uid(), generate_uid()
+    d = np.array(volume.direction).reshape(3, 3)
+    order = list(range(a.shape[0]))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    out = []
+    for n, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        name = f"{n:04d}.dcm"
+        ds = FileDataset(name, {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, modality
+        ds.ImageOrientationPatient = [float(x) for x in (*d[:, 0], *d[:, 1])]
+        ds.ImagePositionPatient = [float(x) for x in np.array(volume.origin) + d[:, 2] * volume.spacing[2] * k]
+        ds.PixelSpacing = [volume.spacing[1], volume.spacing[0]]
+        ds.SliceThickness = volume.spacing[2]
+        ds.InstanceNumber = k + 1
+        ds.Rows, ds.Columns = stored.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, signed
+        if (slope, intercept) != (1.0, 0.0):
+            ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.8g}", f"{intercept:.8g}"
+        for key, value in (attrs or {}).items():
+            setattr(ds, key, value)
+        ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append((name, buf.getvalue()))
+    return out

@@ -261,6 +261,7 @@ def _objects_dataset(todo: list[SourceObject], cfg: IndexJobConfig, ctx: StageCo
             "size": o.size,
             "kind": o.kind,
             "meta": json.dumps(o.meta) if o.meta else "",
+            "members": json.dumps(o.members) if o.members else "",
         }
         for o in todo
     ]

@@ -8,12 +8,16 @@ from pydantic import Field, field_validator
 
 from medret.config import Frozen, IndexConfig, S3Config
 
-KINDS = ("auto", "dicom", "raster", "nifti", "wsi", "medmnist", "sidecar", "skip")
-Kind = Literal["auto", "dicom", "raster", "nifti", "wsi", "medmnist", "sidecar", "skip"]
+KINDS = ("auto", "dicom", "dicom-series", "raster", "nifti", "wsi", "medmnist", "sidecar", "skip")
+Kind = Literal["auto", "dicom", "dicom-series", "raster", "nifti", "wsi", "medmnist", "sidecar", "skip"]
 
 
 class Route(Frozen):
-    """Objects whose key matches ``pattern`` (a glob over the key below the source) are read as ``kind``."""
+    """Objects whose key matches ``pattern`` (a glob over the key below the source) are read as ``kind``.
+
+    ``dicom-series``: the matching files of one folder are one object, read together as the
+    volume(s) of their series (MRI/CT stored a slice per file); see :mod:`medret.pipelines.sources`.
+    """
 
     pattern: str = Field(min_length=1)
     kind: Kind
@@ -39,7 +43,7 @@ DEFAULT_ROUTES = (
 
 
 #: preprocessing per kind of object (PNG/JPEG and npz use the encoder's own recipe)
-DEFAULT_RECIPES = {"dicom": "xray", "nifti": "mri-brain", "wsi": "wsi-tiles"}
+DEFAULT_RECIPES = {"dicom": "xray", "dicom-series": "mri-brain", "nifti": "mri-brain", "wsi": "wsi-tiles"}
 
 
 class TilingConfig(Frozen):

@@ -1,5 +1,11 @@
 """What a source holds: its objects (with etags), the kind each is read as, and sidecar metadata.
 
+A *DICOM series* (kind ``dicom-series``, by a route) is stored a slice per file: the
+matching files of one folder become one object, keyed by the folder (``.../series/``)
+with an etag digested from its members' keys and etags. The manifest then holds one
+row per series folder; adding, changing or removing a slice re-indexes the series,
+and removing every slice deletes it.
+
 A *sidecar* is a CSV among the objects with a ``path`` column (relative to the
 CSV's folder) and metadata columns (``label``, ``dataset``, ``modality``, any
 index column; others go to ``extra``). Its rows travel with the objects they name,
@@ -32,6 +38,7 @@ class SourceObject:
     size: int
     kind: str
     meta: dict[str, Any] = field(default_factory=dict)
+    members: list[str] = field(default_factory=list)  # a series folder's slice files (keys)
 
 
 def route(key: str, routes: Sequence[Route]) -> str:
@@ -70,20 +77,39 @@ def meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def series_object(store: ObjectStore, folder: str, members: Sequence[tuple[str, str, int]]) -> SourceObject:
+    """One ``dicom-series`` object from the ``(key, etag, size)`` of the slice files in ``folder``."""
+    members = sorted(members)
+    digest = hashlib.sha256("\n".join(f"{k}\t{e}" for k, e, _ in members).encode()).hexdigest()[:32]
+    key = f"{folder}/" if folder else ""
+    return SourceObject(
+        store.uri_of(key).rstrip("/") + "/",
+        key,
+        f"series-{len(members)}-{digest}",
+        sum(size for _, _, size in members),
+        "dicom-series",
+        members=[k for k, _, _ in members],
+    )
+
+
 def list_source(store: ObjectStore, routes: Sequence[Route]) -> tuple[list[SourceObject], list[str]]:
     """Every object to index (sidecar metadata attached) and the sidecar keys that were read."""
     objects, sidecars = [], []
+    series: dict[str, list[tuple[str, str, int]]] = {}
     for info in store.list():
         kind = route(info.key, routes)
         if kind == "sidecar":
             sidecars.append(info.key)
+        elif kind == "dicom-series":
+            series.setdefault(posixpath.dirname(info.key), []).append((info.key, info.etag, info.size))
         elif kind != "skip":
             objects.append(SourceObject(store.uri_of(info.key), info.key, info.etag, info.size, kind))
+    objects += [series_object(store, folder, members) for folder, members in sorted(series.items())]
     meta: dict[str, dict[str, Any]] = {}
     for key in sorted(sidecars):
         meta.update(read_sidecar(store, key))
     for o in objects:
-        m = meta.get(o.key)
+        m = meta.get(o.key.rstrip("/"))  # a series folder is named in a sidecar by its path
         if m:
             o.meta = m
             o.etag = f"{o.etag}+{meta_digest(m)}"

@@ -191,6 +191,8 @@ def _items_of(
     kind, key, label = unit["kind"], unit["key"], unit["uri"]
     if kind == "wsi":
         return _tiles(ctx, unit)
+    if kind == "dicom-series":
+        return _series_items(ctx, unit)
     if fetched is not None:  # read ahead on a thread: count only the time this task waited for it
         t0 = time.perf_counter()
         data = fetched.result()[0]
@@ -220,6 +222,27 @@ def _items_of(
         prepared = _recipe(ctx, kind)(decoded, input_size=size)
         meta = dict(decoded.meta)
     return [_Item(p.suffix, p.image, {**meta, **p.meta}) for p in prepared], len(data), read_s
+
+
+def _series_items(ctx: StageContext, unit: dict[str, Any]) -> tuple[list[_Item], int, float]:
+    """A series folder's slice files, read in parallel -> one volume per SeriesInstanceUID -> its recipe's inputs."""
+    from medret.io.volume import read_dicom_series
+
+    keys: list[str] = json.loads(unit["members"] or "[]")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(READ_AHEAD) as pool:
+        blobs = list(pool.map(ctx.store.read_bytes, keys))
+    read_s = time.perf_counter() - t0
+    volumes = read_dicom_series([(ctx.store.uri_of(k), b) for k, b in zip(keys, blobs, strict=True)])
+    recipe = _recipe(ctx, "dicom-series")
+    out = []
+    for volume in volumes:
+        uid = volume.meta.get("series_uid", "")
+        meta = {k: v for k, v in volume.meta.items() if k != "instance_uid"}  # the first slice's: not the item's
+        for p in recipe(volume, input_size=ctx.input_size):
+            # one folder may hold several series: the series UID keeps their item ids apart
+            out.append(_Item(f"#series={uid}&{p.suffix.lstrip('#')}", p.image, {**meta, **p.meta}))
+    return out, sum(len(b) for b in blobs), read_s
 
 
 def _medmnist_items(ctx: StageContext, data: bytes, label: str) -> list[_Item]:
@@ -276,7 +299,7 @@ def load(batch: dict[str, npt.NDArray[Any]], ctx: StageContext) -> dict[str, npt
     units = [{k: v[u] for k, v in batch.items()} for u in range(len(batch["uri"]))]
     # whole objects are fetched READ_AHEAD at a time on threads while earlier ones are decoded:
     # object-store GETs cost milliseconds each, which one-at-a-time reads would add up
-    wanted = [u for u, unit in enumerate(units) if not unit["error"] and unit["kind"] != "wsi"]
+    wanted = [u for u, unit in enumerate(units) if not unit["error"] and unit["kind"] not in ("wsi", "dicom-series")]
     order = {u: position for position, u in enumerate(wanted)}
     fetches: dict[int, Future[tuple[bytes, float]]] = {}
     pool = ThreadPoolExecutor(READ_AHEAD) if len(wanted) > 1 else None
