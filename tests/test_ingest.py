@@ -151,6 +151,7 @@ def job(archive: Archive, index_uri: str, s3: S3Config, tmp: Path, **kw: Any) ->
         progress=False,
         commit_rows=1500,
         routes=[SERIES_ROUTE],
+        resources={"write_batch": 500},
         **kw,
     )
 
@@ -352,7 +353,16 @@ def png_folder(tmp_path: Path, data_dir: Path) -> Iterator[Path]:
 def test_killed_backfill_resumes_to_the_identical_index(png_folder: Path, tmp_path: Path) -> None:
     """SIGKILL the driver between commits, rerun: no item lost, none duplicated, codes identical."""
     base = [sys.executable, "-m", "medret.cli.main", "index", "--source", str(png_folder), "--json"]
-    small = ["--set", "commit_rows=40", "--set", "resources.read_batch=8", "--set", "resources.encode_batch=16"]
+    small = [
+        "--set",
+        "commit_rows=40",
+        "--set",
+        "resources.read_batch=8",
+        "--set",
+        "resources.encode_batch=16",
+        "--set",
+        "resources.write_batch=16",
+    ]
     whole = subprocess.run(
         [*base, "--index", str(tmp_path / "whole"), "--out", str(tmp_path / "o1"), *small],
         capture_output=True,
@@ -421,7 +431,8 @@ def test_on_error_fail_stops_the_job(tmp_path: Path, data_dir: Path) -> None:
 
 @pytest.mark.usefixtures("ray_local")
 def test_reading_is_not_fused_into_the_encoder_actors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Read tasks and encoder actors stay separate operators (without Ray's deprecated ray_remote_args_fn)."""
+    """Read tasks, encoder actors and fragment writers stay separate operators (no deprecated ray_remote_args_fn)."""
+    from medret.models.encoder import load_encoder
     from medret.models.pretrained import encoder_path
     from medret.pipelines.backfill import _objects_dataset
     from medret.pipelines.config import TilingConfig
@@ -433,9 +444,11 @@ def test_reading_is_not_fused_into_the_encoder_actors(tmp_path: Path, capsys: py
     ctx = StageContext(open_store(str(tmp_path)), (28, 28), {}, TilingConfig())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = _objects_dataset(todo, cfg, ctx, encoder_path("default").read_bytes())
+        target = CodeIndex.create(str(tmp_path / "index"), load_encoder(encoder_path("default")).config)
+        ds = _objects_dataset(todo, cfg, ctx, encoder_path("default").read_bytes(), target.fragment_target())
     assert not [w for w in caught if "ray_remote_args_fn" in str(w.message)]
     ds.explain()
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
     assert "ActorPoolMapOperator[MapBatches(Encode)]" in physical, physical
     assert "TaskPoolMapOperator[MapBatches(load)]" in physical, physical
+    assert "TaskPoolMapOperator[MapBatches(write)]" in physical, physical

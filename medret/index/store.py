@@ -46,6 +46,26 @@ def list_tables(uri: str, s3: S3Config | None = None) -> list[str]:
     return sorted(connect(uri, s3).list_tables().tables)
 
 
+@dataclass(frozen=True)
+class FragmentTarget:
+    """A code table as a worker sees it: rows written here become fragments for the driver to commit."""
+
+    dataset_uri: str
+    schema: pa.Schema
+    storage_options: dict[str, str] | None
+    encoder_id: str
+
+    def write(self, rows: pa.Table) -> list[str]:
+        """Write ``rows`` (any column order; missing nullable columns become nulls) as uncommitted fragments."""
+        from lance.fragment import write_fragments
+
+        table = sch.conform(rows, self.schema)
+        if set(table.column("encoder_id").to_pylist()) - {self.encoder_id}:
+            raise EncoderMismatchError(f"rows for {self.dataset_uri} are not all from encoder {self.encoder_id}")
+        frags = write_fragments(table, self.dataset_uri, schema=self.schema, storage_options=self.storage_options)
+        return [json.dumps(f.to_json()) for f in frags]
+
+
 @dataclass
 class _Snapshot:
     version: int
@@ -61,10 +81,11 @@ class _Snapshot:
 class CodeIndex:
     """A code table. Make one with :meth:`create` or :meth:`open`."""
 
-    def __init__(self, table: Any, *, uri: str, name: str) -> None:
+    def __init__(self, table: Any, *, uri: str, name: str, s3: S3Config | None = None) -> None:
         self._table = table
         self.uri = uri
         self.name = name
+        self._storage_options = lance_storage_options(uri, s3)
         schema = table.schema
         self.encoder: EncoderConfig = sch.encoder_of(schema)
         self.checkpoint: str = sch.checkpoint_of(schema)
@@ -104,7 +125,7 @@ class CodeIndex:
             return idx
         tbl = db.create_table(table, schema=sch.code_schema(encoder, checkpoint, recipes))
         log.info("created code table %s at %s for encoder %s", table, uri, encoder.encoder_id)
-        return cls(tbl, uri=uri, name=table)
+        return cls(tbl, uri=uri, name=table, s3=s3)
 
     @classmethod
     def open(
@@ -119,7 +140,7 @@ class CodeIndex:
         tbl = db.open_table(table)
         if version is not None:
             tbl.checkout(version)
-        return cls(tbl, uri=uri, name=table)
+        return cls(tbl, uri=uri, name=table, s3=s3)
 
     # -- facts -----------------------------------------------------------------------
     @property
@@ -196,30 +217,66 @@ class CodeIndex:
         obs.INDEX_ROWS_WRITTEN.labels(table=self.name).inc(table.num_rows)
         return int(table.num_rows)
 
-    def replace_sources(self, rows: pa.Table, source_uris: Sequence[str]) -> int:
-        """Make these source objects' items exactly ``rows``, in one commit.
-
-        Items of the objects that ``rows`` no longer holds (a re-read slide with fewer
-        tiles, an object that turned bad) are deleted in the same merge, so a reader
-        never sees an object half replaced and a replay of the same rows changes nothing.
-        """
-        if not source_uris:
-            return self.upsert(rows)
-        if rows.num_rows == 0:
-            self.delete_sources(source_uris)
-            return 0
-        table = self._conformed(rows)
-        stale = f"source_uri IN ({', '.join(quote(u) for u in sorted(set(source_uris)))})"
-        (
-            self._table.merge_insert("item_id")
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .when_not_matched_by_source_delete(stale)
-            .execute(table)
+    def fragment_target(self) -> FragmentTarget:
+        """What a worker needs to write rows of this table as uncommitted fragments (picklable)."""
+        return FragmentTarget(
+            dataset_uri=self._table.to_lance().uri,
+            schema=self._table.schema,
+            storage_options=self._storage_options,
+            encoder_id=self.encoder_id,
         )
+
+    def commit_fragments(self, fragments: Sequence[str], source_uris: Sequence[str]) -> int:
+        """Make ``source_uris``' items exactly the rows of these worker-written fragments: one commit.
+
+        The old items of the objects are deleted and the new fragments added in one Lance
+        ``Update`` transaction, so a reader sees each object before or after, never half
+        replaced, and a crash before the commit leaves the table as it was (the fragments'
+        files stay unreferenced until a cleanup). Returns the rows added.
+        """
+        import lance
+
+        ds = self._table.to_lance()
+        new = [lance.FragmentMetadata.from_json(f) for f in fragments]
+        removed: list[int] = []
+        updated = []
+        if source_uris:
+            stale = f"source_uri IN ({', '.join(quote(u) for u in sorted(set(source_uris)))})"
+            addr = ds.to_table(columns=[], filter=stale, with_row_address=True).column("_rowaddr").to_numpy()
+            for fid in sorted(set((addr >> 32).tolist())):
+                frag = ds.get_fragment(fid).delete(stale)
+                if frag is None:
+                    removed.append(fid)
+                else:
+                    updated.append(frag)
+        if not (new or removed or updated):
+            return 0
+        op = lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated, new_fragments=new)
+        lance.LanceDataset.commit(ds.uri, op, read_version=ds.version, storage_options=self._storage_options)
+        self._table.checkout_latest()
         self._version = None
-        obs.INDEX_ROWS_WRITTEN.labels(table=self.name).inc(table.num_rows)
-        return int(table.num_rows)
+        n = sum(f.num_rows for f in new)
+        obs.INDEX_ROWS_WRITTEN.labels(table=self.name).inc(n)
+        return n
+
+    @property
+    def fragments(self) -> int:
+        return len(self._table.to_lance().get_fragments())
+
+    def compact(self, *, target_rows: int = 1 << 20) -> int:
+        """Merge small fragments (the many a job's write tasks leave) into few; returns fragments removed.
+
+        Old versions stay readable (a running query service is not disturbed); :meth:`optimize`
+        also prunes them.
+        """
+        ds = self._table.to_lance()
+        before = len(ds.get_fragments())
+        if before < 2:
+            return 0
+        ds.optimize.compact_files(target_rows_per_fragment=target_rows, materialize_deletions_threshold=0.1)
+        self._table.checkout_latest()
+        self._version = None
+        return before - self.fragments
 
     def delete(self, where: str) -> None:
         self._table.delete(where)

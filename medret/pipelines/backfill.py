@@ -6,13 +6,16 @@ One streaming Ray Data pipeline per run::
       -> expand  (tasks: sniff unknown kinds; slides -> units of tissue tiles)
       -> load    (tasks: read + decode + preprocess, small objects batched)
       -> Encode  (actor pool: model loaded once per actor, batched, GPU when asked)
-      -> driver: commits finished objects in batches
+      -> write   (tasks: code rows -> uncommitted Lance fragments of the code table)
+      -> driver: commits the fragments of finished objects in batches
 
-A commit replaces the committed objects' items in one LanceDB merge (never a row
-at a time), then records them in the manifest. Item ids are derived from the
-object URI, so a rerun after a crash (or a retry) rewrites the same rows: nothing
-is lost and nothing is duplicated. ``incremental`` also removes the items of
-objects that disappeared from the source.
+Workers write, one place commits: a commit deletes the committed objects' old items
+and adds their new fragments in one Lance transaction, then records the objects in
+the manifest. A crash before a commit leaves the table as it was (the written files
+stay unreferenced); a crash after it but before the manifest row makes the rerun
+replace those items again. Item ids are derived from the object URI, so nothing is
+lost and nothing is duplicated. ``incremental`` also removes the items of objects
+that disappeared from the source.
 """
 
 from __future__ import annotations
@@ -28,18 +31,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from medret import observability as obs
 from medret.config import save_resolved
 from medret.errors import ConfigError, DataError, MedretError
 from medret.index.manifest import Entry, Manifest
-from medret.index.store import CodeIndex
+from medret.index.store import CodeIndex, FragmentTarget
 from medret.models.encoder import EncoderConfig
 from medret.models.pretrained import encoder_path
 from medret.pipelines.config import DEFAULT_RECIPES, IndexJobConfig
 from medret.pipelines.sources import SourceObject, list_source
-from medret.pipelines.stages import Encode, StageContext, expand, load
+from medret.pipelines.stages import Encode, StageContext, expand, load, write
 from medret.runtime import ensure_ray
 from medret.storage.objects import open_store
 
@@ -99,8 +101,30 @@ def _done(entry: Entry | None, obj: SourceObject, encoder_id: str) -> bool:
     )
 
 
+STAGE_COLUMNS = (("read", "read_s"), ("preprocess", "prep_s"), ("encode", "encode_s"), ("write", "write_s"))
+
+
+@dataclass
+class _Batch:
+    """One :func:`~medret.pipelines.stages.write` call's output as it reaches the driver."""
+
+    units: int  # rows the call emitted (its block could in principle arrive split)
+    seen: int = 0
+    fragments: list[str] = field(default_factory=list)
+    uris: set[str] = field(default_factory=set)  # objects with rows in its fragments
+
+    @property
+    def complete(self) -> bool:
+        return self.seen == self.units
+
+
 class _Commits:
-    """Buffers item rows until whole objects have arrived, then commits them in batches."""
+    """Tracks written units until whole objects are done, then commits their fragments in one place.
+
+    Workers write fragments; the driver commits an object once every row of it is written,
+    together with every fragment it has rows in. A fragment holding rows of an unfinished
+    object waits for it, and so does every object with rows in that fragment.
+    """
 
     def __init__(
         self,
@@ -113,75 +137,101 @@ class _Commits:
     ):
         self.cfg, self.index, self.manifest, self.known, self.summary = cfg, index, manifest, known, summary
         self.objects = {o.uri: o for o in objects}
-        self.buffer: list[pa.Table] = []
         self.unit_rows: dict[str, int] = defaultdict(int)
         self.object_units: dict[str, int] = defaultdict(int)
         self.ready: dict[str, None] = {}
-        self.ready_rows = 0
+        self.items: dict[str, int] = defaultdict(int)
+        self.errors: dict[str, str] = {}
+        self.batches: dict[str, _Batch] = {}
+        self.object_batches: dict[str, set[str]] = defaultdict(set)
+        self.stats = summary.stage_seconds
         self.last = time.monotonic()
 
     def add(self, batch: pa.Table) -> None:
-        self.buffer.append(batch)
-        uris = batch.column("uri").to_pylist()
-        units = batch.column("unit_id").to_pylist()
-        unit_rows = batch.column("unit_rows").to_pylist()
-        object_units = batch.column("object_units").to_pylist()
-        for uri, unit, n_rows, n_units in zip(uris, units, unit_rows, object_units, strict=True):
-            self.unit_rows[unit] += 1
-            if self.unit_rows[unit] == n_rows:
+        for r in batch.to_pylist():
+            b = self.batches.get(r["batch_id"])
+            if b is None:
+                b = self.batches[r["batch_id"]] = _Batch(units=r["batch_units"])
+            b.seen += 1
+            if r["fragments"]:
+                b.fragments += json.loads(r["fragments"])
+            uri, unit = r["uri"], r["unit_id"]
+            if r["items"]:
+                b.uris.add(uri)
+                self.object_batches[uri].add(r["batch_id"])
+                self.items[uri] += r["items"]
+            if r["error"] and uri not in self.errors:
+                self.errors[uri] = r["error"]
+            for stage, c in STAGE_COLUMNS:
+                self.stats[stage] = self.stats.get(stage, 0.0) + r[c]
+            self.summary.tiles += r["n_tiles"]
+            self.summary.bytes_read += r["bytes_read"]
+            obs.INGEST_TILES.inc(r["n_tiles"])
+            obs.INGEST_BYTES.inc(r["bytes_read"])
+            self.unit_rows[unit] += r["rows"]
+            if self.unit_rows[unit] == r["unit_rows"]:
                 del self.unit_rows[unit]
                 self.object_units[uri] += 1
-                if self.object_units[uri] == n_units:
+                if self.object_units[uri] == r["object_units"]:
                     del self.object_units[uri]
                     self.ready[uri] = None
-        self.ready_rows += batch.num_rows
-        s = self.summary.stage_seconds
-        for stage, col in (("read", "read_s"), ("preprocess", "prep_s"), ("encode", "encode_s")):
-            s[stage] = s.get(stage, 0.0) + float(pc.sum(batch.column(col)).as_py() or 0.0)
         if self.ready and (
-            self.ready_rows >= self.cfg.commit_rows or time.monotonic() - self.last >= self.cfg.commit_seconds
+            self.pending_items() >= self.cfg.commit_rows or time.monotonic() - self.last >= self.cfg.commit_seconds
         ):
             self.commit()
 
+    def pending_items(self) -> int:
+        return sum(self.items[u] for u in self.ready)
+
+    def committable(self) -> set[str]:
+        """The ready objects whose fragments hold no rows of unready objects (and so on, to a fixed point)."""
+        ok = set(self.ready)
+        while True:
+            blocked = {
+                u
+                for u in ok
+                for b in self.object_batches.get(u, ())
+                if not self.batches[b].complete or not self.batches[b].uris <= ok
+            }
+            if not blocked:
+                return ok
+            ok -= blocked
+
     def commit(self) -> None:
         self.last = time.monotonic()
-        if not self.ready or not self.buffer:
+        uris = [u for u in self.ready if u in self.committable()]
+        if not uris:
             return
         t0 = time.perf_counter()
-        rows = pa.concat_tables(self.buffer, promote_options="permissive")
-        ready = pa.array(list(self.ready), pa.string())
-        mine = pc.is_in(rows.column("uri"), ready)
-        done, rest = rows.filter(mine), rows.filter(pc.invert(mine))
-        self.buffer = [rest] if rest.num_rows else []
-        self.ready_rows = rest.num_rows
-        uris = list(self.ready)
-        self.ready = {}
-
-        errors: dict[str, str] = {}
-        for uri, ok, err in zip(
-            done.column("uri").to_pylist(), done.column("ok").to_pylist(), done.column("error").to_pylist(), strict=True
-        ):
-            if not ok and err and uri not in errors:
-                errors[uri] = err
+        batch_ids = sorted({b for u in uris for b in self.object_batches.get(u, ())})
+        fragments = [f for b in batch_ids for f in self.batches[b].fragments]
+        errors = {u: self.errors[u] for u in uris if u in self.errors}
+        # old items of every committed object go, the new fragments come: one commit
+        self.index.commit_fragments(fragments, uris)
+        half = [u for u in errors if self.items.get(u)]  # a slide with some good units: drop those too
+        if half:
+            self.index.delete_sources(half)
+        good = [u for u in uris if u not in errors]
         if errors and self.cfg.on_error == "fail":
+            self._record(good, {})
             first = next(iter(errors.items()))
-            good = [u for u in uris if u not in errors]
-            bad = pc.is_in(done.column("uri"), pa.array(list(errors), pa.string()))
-            self._write(done.filter(pc.invert(bad)), good, {})
             raise DataError(f"{first[0]}: {first[1]} (on_error=fail stops the job; {len(errors)} bad object(s))")
-        self._write(done, uris, errors)
+        self._record(uris, errors)
+        for u in uris:
+            del self.ready[u]
+            self.items.pop(u, None)
+            self.errors.pop(u, None)
+            self.object_batches.pop(u, None)
+        for b in batch_ids:
+            del self.batches[b]
         dt = time.perf_counter() - t0
         self.summary.stage_seconds["commit"] = self.summary.stage_seconds.get("commit", 0.0) + dt
         obs.INGEST_COMMIT_SECONDS.observe(dt)
 
-    def _write(self, done: pa.Table, uris: list[str], errors: dict[str, str]) -> None:
-        bad = pc.is_in(done.column("uri"), pa.array(list(errors), pa.string()))
-        good = done.filter(pc.and_(done.column("ok"), pc.invert(bad)))
-        self.index.replace_sources(index_rows(self.index, good), uris)
-        counts: dict[str, int] = defaultdict(int)
-        for uri in good.column("uri").to_pylist():
-            counts[uri] += 1
+    def _record(self, uris: list[str], errors: dict[str, str]) -> None:
+        """The manifest rows of committed objects, and the job's counts."""
         entries = []
+        n_items = 0
         for uri in uris:
             obj = self.objects[uri]
             prev = self.known.get(uri)
@@ -197,6 +247,7 @@ class _Commits:
                 obs.INGEST_OBJECTS.labels(status="quarantined").inc()
             else:
                 self.summary.indexed += 1
+                n_items += self.items.get(uri, 0)
                 obs.INGEST_OBJECTS.labels(status="indexed").inc()
             entries.append(
                 Entry(
@@ -206,50 +257,21 @@ class _Commits:
                     size=obj.size,
                     kind=obj.kind,
                     status="quarantined" if bad else "indexed",
-                    items=0 if bad else counts[uri],
+                    items=0 if bad else self.items.get(uri, 0),
                     encoder_id=self.index.encoder_id,
                     error=errors.get(uri, ""),
                     attempts=attempts,
                 )
             )
         self.manifest.record(entries)
-        n_items = good.num_rows
-        n_tiles = int(pc.sum(done.column("n_tiles")).as_py() or 0)
-        n_bytes = int(pc.sum(done.column("bytes_read")).as_py() or 0)
         self.summary.items_written += n_items
-        self.summary.tiles += n_tiles
-        self.summary.bytes_read += n_bytes
         self.summary.commits += 1
         obs.INGEST_ITEMS.inc(n_items)
-        obs.INGEST_TILES.inc(n_tiles)
-        obs.INGEST_BYTES.inc(n_bytes)
 
 
-def index_rows(index: CodeIndex, t: pa.Table) -> pa.Table:
-    """Item rows from the pipeline -> rows of the code table (empty strings / -1 / NaN become nulls)."""
-    n = t.num_rows
-    codes = np.asarray(t.column("code").to_pylist(), dtype=np.uint8).reshape(n, index.encoder.code_bytes)
-
-    def nullable(col: str) -> pa.Array:
-        a = t.column(col).combine_chunks() if n else pa.array([], pa.string())
-        if pa.types.is_string(a.type) or pa.types.is_large_string(a.type):
-            return pc.if_else(pc.equal(a, ""), pa.scalar(None, a.type), a)
-        if pa.types.is_integer(a.type):
-            return pc.if_else(pc.equal(a, -1), pa.scalar(None, a.type), a)
-        return pc.if_else(pc.is_nan(a), pa.scalar(None, a.type), a)
-
-    cols = ["modality", "dataset", "label", "study_uid", "series_uid", "instance_uid", "slide_id"]
-    cols += ["tile_x", "tile_y", "mpp", "extra"]
-    return index.rows(
-        t.column("item_id").to_pylist(),
-        codes,
-        source_uri=t.column("uri"),
-        etag=t.column("etag"),
-        **{c: nullable(c) for c in cols},
-    )
-
-
-def _objects_dataset(todo: list[SourceObject], cfg: IndexJobConfig, ctx: StageContext, ckpt: bytes) -> Any:
+def _objects_dataset(
+    todo: list[SourceObject], cfg: IndexJobConfig, ctx: StageContext, ckpt: bytes, target: FragmentTarget
+) -> Any:
     import ray.data
 
     r = cfg.resources
@@ -279,13 +301,20 @@ def _objects_dataset(todo: list[SourceObject], cfg: IndexJobConfig, ctx: StageCo
     )
     from ray.data import ActorPoolStrategy
 
-    return ds.map_batches(
+    ds = ds.map_batches(
         Encode,
         fn_constructor_kwargs={"checkpoint": ckpt, "threads": r.encode_threads},
         batch_size=r.encode_batch,
         compute=ActorPoolStrategy(min_size=r.encode_actors[0], max_size=r.encode_actors[1]),
         num_cpus=r.encode_cpus,
         num_gpus=r.encode_gpus or None,
+    )
+    # workers write the codes as fragments of the table; the driver only commits them
+    return ds.map_batches(
+        functools.partial(write, target=target),
+        batch_size=r.write_batch,
+        batch_format="numpy",
+        num_cpus=r.write_cpus,
     )
 
 
@@ -375,10 +404,15 @@ def run_index(cfg: IndexJobConfig) -> Summary:
 
     if todo:
         _run_pipeline(cfg, todo, index, manifest, known, summary, recipes, encoder, store, ckpt)
+    if cfg.compact and summary.commits:
+        t = time.perf_counter()
+        merged = index.compact()
+        summary.stage_seconds["compact"] = time.perf_counter() - t
+        _say(cfg, f"compacted the table: {merged} fewer fragments, {index.fragments} now")
     summary.seconds = time.perf_counter() - t_start
     obs.INGEST_ITEMS_PER_SECOND.set(summary.items_written / summary.seconds if summary.seconds else 0.0)
     index.refresh()
-    summary.index.update(rows=index.count(), version=index.version)
+    summary.index.update(rows=index.count(), version=index.version, fragments=index.fragments)
     _write_outputs(out, summary)
     return summary
 
@@ -401,7 +435,7 @@ def _run_pipeline(
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
     ctx = StageContext(store=store, input_size=encoder.input_size, recipes=recipes, tiling=cfg.tiling)
     commits = _Commits(cfg, index, manifest, known, summary, todo)
-    ds = _objects_dataset(todo, cfg, ctx, ckpt)
+    ds = _objects_dataset(todo, cfg, ctx, ckpt, index.fragment_target())
     t_report = time.monotonic()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
         commits.add(batch)
@@ -410,7 +444,7 @@ def _run_pipeline(
             done = summary.indexed + summary.quarantined + summary.skipped
             _say(cfg, f"{done}/{len(todo)} objects committed, {summary.items_written:,} items")
     commits.commit()
-    leftover = len(commits.object_units) + len(commits.unit_rows)
+    leftover = len(commits.object_units) + len(commits.unit_rows) + len(commits.ready)
     if leftover:  # cannot happen unless a stage lost rows; never commit half an object
         raise RuntimeError(f"{leftover} units never completed; nothing of them was committed")
     done = summary.indexed + summary.quarantined + summary.skipped

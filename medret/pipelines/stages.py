@@ -7,8 +7,10 @@ marker row for a unit that yields nothing (an error, a slide without tissue), so
 driver can count every unit home. :class:`Encode` turns item rows into codes.
 
 Each row carries ``unit_id``, ``unit_rows`` (rows its unit emits) and
-``object_units`` (units its object has): the driver commits an object as soon as
-all of its rows have arrived, never half of it.
+``object_units`` (units its object has). :func:`write` (tasks) writes encoded rows
+as uncommitted fragments of the code table and hands the driver one bookkeeping row
+per unit of each batch; the driver commits an object's fragments once all of its
+rows are written, never half of it.
 """
 
 from __future__ import annotations
@@ -20,16 +22,20 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 
 from medret.errors import ConfigError, MedretError
+from medret.index.store import FragmentTarget
 from medret.pipelines.config import TilingConfig
 from medret.storage.objects import LocalStore, ObjectStore
 
@@ -421,3 +427,76 @@ class Encode:
         out["code"] = codes
         out["encode_s"] = np.full(len(ok), (time.perf_counter() - t0) / max(1, len(ok)))
         return out
+
+
+# -- stage 4: write ----------------------------------------------------------------------
+#: index columns set from item metadata; empty strings, -1 and NaN mean "not known" (null)
+INDEX_COLUMNS = (*META_COLUMNS, "slide_id", "tile_x", "tile_y", "mpp", "extra")
+
+
+def item_rows(batch: dict[str, npt.NDArray[Any]], encoder_id: str) -> pa.Table:
+    """Encoded item rows (numpy columns) -> rows of the code table."""
+    import pyarrow.compute as pc
+
+    codes = np.ascontiguousarray(batch["code"], dtype=np.uint8)
+    n = len(codes)
+    cols: dict[str, Any] = {
+        "item_id": pa.array(batch["item_id"], pa.string()),
+        "source_uri": pa.array(batch["uri"], pa.string()),
+        "etag": pa.array(batch["etag"], pa.string()),
+    }
+    for c in INDEX_COLUMNS:
+        a = pa.array(batch[c])
+        if pa.types.is_string(a.type) or pa.types.is_large_string(a.type):
+            cols[c] = pc.if_else(pc.equal(a, ""), pa.scalar(None, a.type), a)
+        elif pa.types.is_integer(a.type):
+            cols[c] = pc.if_else(pc.equal(a, -1), pa.scalar(None, a.type), a)
+        else:
+            cols[c] = pc.if_else(pc.is_nan(a), pa.scalar(None, a.type), a)
+    cols["encoder_id"] = pa.array([encoder_id] * n, pa.string())
+    cols["indexed_at"] = pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
+    cols["code"] = pa.FixedSizeListArray.from_arrays(pa.array(codes.ravel(), pa.uint8()), codes.shape[1])
+    return pa.table(cols)
+
+
+#: per-unit sums the driver adds to the job summary
+_SUMS = ("read_s", "prep_s", "encode_s", "bytes_read", "n_tiles")
+
+
+def write(batch: dict[str, npt.NDArray[Any]], target: FragmentTarget) -> pa.Table:
+    """A batch of encoded rows -> fragments of the code table (not yet committed) + a row per unit.
+
+    Each output row says how many of its unit's rows this batch held (``rows``) and how
+    many went into the fragments (``items``); all rows of one call share ``batch_id`` and
+    the first carries the fragments, for the driver to commit with whole objects.
+    """
+    t0 = time.perf_counter()
+    ok = np.asarray(batch["ok"], dtype=bool)
+    good = {k: np.asarray(v)[ok] for k, v in batch.items()}
+    fragments = target.write(item_rows(good, target.encoder_id)) if ok.any() else []
+    write_s = time.perf_counter() - t0
+    units: dict[str, dict[str, Any]] = {}
+    for i, unit_id in enumerate(batch["unit_id"].tolist()):
+        u = units.get(unit_id)
+        if u is None:
+            u = units[unit_id] = {
+                "unit_id": unit_id,
+                "uri": str(batch["uri"][i]),
+                "unit_rows": int(batch["unit_rows"][i]),
+                "object_units": int(batch["object_units"][i]),
+                "rows": 0,
+                "items": 0,
+                "error": "",
+                **{c: 0 for c in _SUMS},
+            }
+        u["rows"] += 1
+        u["items"] += int(ok[i])
+        u["error"] = u["error"] or str(batch["error"][i])
+        for c in _SUMS:
+            u[c] += batch[c][i].item()
+    rows = list(units.values())
+    batch_id = uuid.uuid4().hex
+    for i, u in enumerate(rows):
+        u.update(batch_id=batch_id, batch_units=len(rows), fragments=json.dumps(fragments) if i == 0 else "")
+        u["write_s"] = write_s if i == 0 else 0.0
+    return pa.Table.from_pylist(rows)
