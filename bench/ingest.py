@@ -72,14 +72,19 @@ def stage_alone(cfg: Any, stage: str) -> tuple[float, int]:
     objects, _ = list_source(store, cfg.all_routes())
     ctx = StageContext(store=store, input_size=enc.input_size, recipes=recipes_for(cfg, enc), tiling=cfg.tiling)
     r = cfg.resources
-    items = [{"uri": o.uri, "key": o.key, "etag": o.etag, "size": o.size, "kind": o.kind, "meta": ""} for o in objects]
+    items = [
+        {"uri": o.uri, "key": o.key, "etag": o.etag, "size": o.size, "kind": o.kind, "meta": "", "members": ""}
+        for o in objects
+    ]
     blocks = max(1, min(len(items), (len(items) + r.read_batch - 1) // r.read_batch, 1000))
     if stage == "read":
         ds = ray.data.from_items(items, override_num_blocks=blocks)
         ds = ds.flat_map(functools.partial(expand, ctx=ctx), num_cpus=r.read_cpus)
-        args = {"num_cpus": r.read_cpus}
-        ds = ds.map_batches(
-            functools.partial(load, ctx=ctx), batch_size=r.read_batch, ray_remote_args_fn=lambda: dict(args)
+        ds = ds.map_batches(  # the resources the pipeline's read stage asks for
+            functools.partial(load, ctx=ctx),
+            batch_size=r.read_batch,
+            num_cpus=r.read_cpus,
+            memory=r.read_memory_mb * 2**20,
         )
     else:  # encode alone: the same number of items, already preprocessed
         n = stage_items[cfg.source]

@@ -151,7 +151,6 @@ def job(archive: Archive, index_uri: str, s3: S3Config, tmp: Path, **kw: Any) ->
         progress=False,
         commit_rows=1500,
         routes=[SERIES_ROUTE],
-        resources={"write_batch": 500},
         **kw,
     )
 
@@ -361,7 +360,7 @@ def test_killed_backfill_resumes_to_the_identical_index(png_folder: Path, tmp_pa
         "--set",
         "resources.encode_batch=16",
         "--set",
-        "resources.write_batch=16",
+        "compact_every=3",  # compactions during the run too
     ]
     whole = subprocess.run(
         [*base, "--index", str(tmp_path / "whole"), "--out", str(tmp_path / "o1"), *small],
@@ -431,7 +430,7 @@ def test_on_error_fail_stops_the_job(tmp_path: Path, data_dir: Path) -> None:
 
 @pytest.mark.usefixtures("ray_local")
 def test_reading_is_not_fused_into_the_encoder_actors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Read tasks, encoder actors and fragment writers stay separate operators (no deprecated ray_remote_args_fn)."""
+    """Read tasks and encoder actors (which write the fragments) stay separate operators (no ray_remote_args_fn)."""
     from medret.models.encoder import load_encoder
     from medret.models.pretrained import encoder_path
     from medret.pipelines.backfill import _objects_dataset
@@ -451,4 +450,3 @@ def test_reading_is_not_fused_into_the_encoder_actors(tmp_path: Path, capsys: py
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
     assert "ActorPoolMapOperator[MapBatches(Encode)]" in physical, physical
     assert "TaskPoolMapOperator[MapBatches(load)]" in physical, physical
-    assert "TaskPoolMapOperator[MapBatches(write)]" in physical, physical

@@ -5,8 +5,8 @@ One streaming Ray Data pipeline per run::
     list (driver, paginated, etags) -> plan against the manifest
       -> expand  (tasks: sniff unknown kinds; slides -> units of tissue tiles)
       -> load    (tasks: read + decode + preprocess, small objects batched)
-      -> Encode  (actor pool: model loaded once per actor, batched, GPU when asked)
-      -> write   (tasks: code rows -> uncommitted Lance fragments of the code table)
+      -> Encode  (actor pool: model loaded once per actor, batched, GPU when asked;
+                  writes each batch's codes as an uncommitted Lance fragment of the table)
       -> driver: commits the fragments of finished objects in batches
 
 Workers write, one place commits: a commit deletes the committed objects' old items
@@ -41,7 +41,7 @@ from medret.models.encoder import EncoderConfig
 from medret.models.pretrained import encoder_path
 from medret.pipelines.config import DEFAULT_RECIPES, IndexJobConfig
 from medret.pipelines.sources import SourceObject, list_source
-from medret.pipelines.stages import Encode, StageContext, expand, load, write
+from medret.pipelines.stages import Encode, StageContext, expand, load
 from medret.runtime import ensure_ray
 from medret.storage.objects import open_store
 
@@ -106,7 +106,7 @@ STAGE_COLUMNS = (("read", "read_s"), ("preprocess", "prep_s"), ("encode", "encod
 
 @dataclass
 class _Batch:
-    """One :func:`~medret.pipelines.stages.write` call's output as it reaches the driver."""
+    """One encoder call's bookkeeping (:func:`~medret.pipelines.stages.write`) as it reaches the driver."""
 
     units: int  # rows the call emitted (its block could in principle arrive split)
     seen: int = 0
@@ -140,6 +140,7 @@ class _Commits:
         self.unit_rows: dict[str, int] = defaultdict(int)
         self.object_units: dict[str, int] = defaultdict(int)
         self.ready: dict[str, None] = {}
+        self.ready_items = 0  # items of the ready objects
         self.items: dict[str, int] = defaultdict(int)
         self.errors: dict[str, str] = {}
         self.batches: dict[str, _Batch] = {}
@@ -175,31 +176,27 @@ class _Commits:
                 if self.object_units[uri] == r["object_units"]:
                     del self.object_units[uri]
                     self.ready[uri] = None
+                    self.ready_items += self.items.get(uri, 0)
         if self.ready and (
-            self.pending_items() >= self.cfg.commit_rows or time.monotonic() - self.last >= self.cfg.commit_seconds
+            self.ready_items >= self.cfg.commit_rows or time.monotonic() - self.last >= self.cfg.commit_seconds
         ):
             self.commit()
-
-    def pending_items(self) -> int:
-        return sum(self.items[u] for u in self.ready)
 
     def committable(self) -> set[str]:
         """The ready objects whose fragments hold no rows of unready objects (and so on, to a fixed point)."""
         ok = set(self.ready)
         while True:
-            blocked = {
-                u
-                for u in ok
-                for b in self.object_batches.get(u, ())
-                if not self.batches[b].complete or not self.batches[b].uris <= ok
-            }
-            if not blocked:
+            touched = {b for u in ok for b in self.object_batches.get(u, ())}
+            bad = [b for b in touched if not self.batches[b].complete or not self.batches[b].uris <= ok]
+            if not bad:
                 return ok
-            ok -= blocked
+            for b in bad:
+                ok -= self.batches[b].uris
 
     def commit(self) -> None:
         self.last = time.monotonic()
-        uris = [u for u in self.ready if u in self.committable()]
+        can = self.committable()
+        uris = [u for u in self.ready if u in can]
         if not uris:
             return
         t0 = time.perf_counter()
@@ -219,11 +216,13 @@ class _Commits:
         self._record(uris, errors)
         for u in uris:
             del self.ready[u]
-            self.items.pop(u, None)
+            self.ready_items -= self.items.pop(u, 0)
             self.errors.pop(u, None)
             self.object_batches.pop(u, None)
         for b in batch_ids:
             del self.batches[b]
+        if self.cfg.compact and self.summary.commits % self.cfg.compact_every == 0:
+            self.index.compact()
         dt = time.perf_counter() - t0
         self.summary.stage_seconds["commit"] = self.summary.stage_seconds.get("commit", 0.0) + dt
         obs.INGEST_COMMIT_SECONDS.observe(dt)
@@ -301,20 +300,14 @@ def _objects_dataset(
     )
     from ray.data import ActorPoolStrategy
 
-    ds = ds.map_batches(
+    # the encoder actors also write the codes as fragments of the table; the driver only commits them
+    return ds.map_batches(
         Encode,
-        fn_constructor_kwargs={"checkpoint": ckpt, "threads": r.encode_threads},
+        fn_constructor_kwargs={"checkpoint": ckpt, "threads": r.encode_threads, "target": target},
         batch_size=r.encode_batch,
         compute=ActorPoolStrategy(min_size=r.encode_actors[0], max_size=r.encode_actors[1]),
         num_cpus=r.encode_cpus,
         num_gpus=r.encode_gpus or None,
-    )
-    # workers write the codes as fragments of the table; the driver only commits them
-    return ds.map_batches(
-        functools.partial(write, target=target),
-        batch_size=r.write_batch,
-        batch_format="numpy",
-        num_cpus=r.write_cpus,
     )
 
 

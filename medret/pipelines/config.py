@@ -74,10 +74,6 @@ class Resources(Frozen):
     encode_actors: tuple[int, int] = Field(default=(1, 2), description="min and max encoder actors")
     encode_batch: int = Field(default=256, ge=1, description="images per encoder call")
     encode_threads: int = Field(default=1, ge=1, description="torch threads inside each encoder actor")
-    write_cpus: float = Field(default=0.25, gt=0, description="CPUs per task writing code fragments")
-    write_batch: int = Field(
-        default=1024, ge=1, description="code rows per written fragment (bigger: fewer, larger fragments)"
-    )
 
     @field_validator("encode_actors", mode="before")
     @classmethod
@@ -115,7 +111,10 @@ class IndexJobConfig(Frozen):
     commit_rows: int = Field(default=20_000, ge=1, description="commit once this many finished items are buffered")
     commit_seconds: float = Field(default=30.0, gt=0, description="... or once this long has passed")
     compact: bool = Field(
-        default=True, description="after a run that wrote, merge the small fragments its write tasks left"
+        default=True, description="after a run that wrote, merge the small fragments the encoder actors wrote"
+    )
+    compact_every: int = Field(
+        default=50, ge=1, description="... and every this many commits during the run (keeps the table manifest small)"
     )
     max_objects: int | None = Field(default=None, ge=1, description="stop after this many objects (smoke runs)")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics while running")

@@ -402,8 +402,13 @@ def _to_columns(rows: list[dict[str, Any]], images: npt.NDArray[np.float32]) -> 
 class Encode:
     """An actor: loads the encoder once, then turns batches of item rows into packed codes."""
 
-    def __init__(self, checkpoint: bytes, threads: int = 1) -> None:
-        """``checkpoint`` is the encoder file's content, so actors on any node get the same model."""
+    def __init__(self, checkpoint: bytes, threads: int = 1, target: FragmentTarget | None = None) -> None:
+        """``checkpoint`` is the encoder file's content, so actors on any node get the same model.
+
+        With a ``target`` the actor also writes the codes as fragments of that table (:func:`write`)
+        and returns the bookkeeping rows; without, it returns the encoded rows.
+        """
+        self.target = target
         import torch
 
         from medret.models.encoder import load_encoder
@@ -417,7 +422,7 @@ class Encode:
         if getattr(enc, "module", None) is not None and torch.cuda.is_available():  # a GPU actor (num_gpus > 0)
             enc.module, enc.device = enc.module.to("cuda"), "cuda"
 
-    def __call__(self, batch: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+    def __call__(self, batch: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]] | pa.Table:
         t0 = time.perf_counter()
         ok = batch["ok"].astype(bool)
         codes = np.zeros((len(ok), self.encoder.config.code_bytes), np.uint8)
@@ -426,7 +431,7 @@ class Encode:
         out = {k: v for k, v in batch.items() if k != "image"}
         out["code"] = codes
         out["encode_s"] = np.full(len(ok), (time.perf_counter() - t0) / max(1, len(ok)))
-        return out
+        return out if self.target is None else write(out, self.target)
 
 
 # -- stage 4: write ----------------------------------------------------------------------
