@@ -46,6 +46,18 @@ def list_tables(uri: str, s3: S3Config | None = None) -> list[str]:
     return sorted(connect(uri, s3).list_tables().tables)
 
 
+def code_rows(item_ids: Sequence[str], codes: npt.NDArray[np.uint8], encoder_id: str, /, **columns: Any) -> pa.Table:
+    """Rows of a code table from ids, packed (n, bytes) codes and metadata columns."""
+    if len(item_ids) != len(codes):
+        raise SchemaError(f"{len(item_ids)} item ids but {len(codes)} codes")
+    n = len(codes)
+    data: dict[str, Any] = {"item_id": pa.array(item_ids, pa.string()), **columns}
+    data.setdefault("encoder_id", [encoder_id] * n)
+    data.setdefault("indexed_at", pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")))
+    data["code"] = pa.FixedSizeListArray.from_arrays(pa.array(codes.ravel(), pa.uint8()), codes.shape[1])
+    return pa.table(data)
+
+
 @dataclass(frozen=True)
 class FragmentTarget:
     """A code table as a worker sees it: rows written here become fragments for the driver to commit."""
@@ -55,13 +67,11 @@ class FragmentTarget:
     storage_options: dict[str, str] | None
     encoder_id: str
 
-    def write(self, rows: pa.Table) -> list[str]:
-        """Write ``rows`` (any column order; missing nullable columns become nulls) as uncommitted fragments."""
+    def write(self, item_ids: Sequence[str], codes: npt.NDArray[np.uint8], **columns: Any) -> list[str]:
+        """Write items (packed codes, metadata columns as in :meth:`CodeIndex.rows`) as uncommitted fragments."""
         from lance.fragment import write_fragments
 
-        table = sch.conform(rows, self.schema)
-        if set(table.column("encoder_id").to_pylist()) - {self.encoder_id}:
-            raise EncoderMismatchError(f"rows for {self.dataset_uri} are not all from encoder {self.encoder_id}")
+        table = sch.conform(code_rows(item_ids, codes, self.encoder_id, **columns), self.schema)
         frags = write_fragments(table, self.dataset_uri, schema=self.schema, storage_options=self.storage_options)
         return [json.dumps(f.to_json()) for f in frags]
 
@@ -174,17 +184,7 @@ class CodeIndex:
         **columns: Sequence[Any] | npt.ArrayLike,
     ) -> pa.Table:
         """Build rows for :meth:`upsert` from ids, packed codes and metadata columns."""
-        c = as_codes(codes, self.encoder.bits)
-        if len(item_ids) != len(c):
-            raise SchemaError(f"{len(item_ids)} item ids but {len(c)} codes")
-        n = len(c)
-        data: dict[str, Any] = {"item_id": pa.array(item_ids, pa.string())}
-        for name, values in columns.items():
-            data[name] = values
-        data.setdefault("encoder_id", [self.encoder_id] * n)
-        data.setdefault("indexed_at", pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")))
-        data["code"] = pa.FixedSizeListArray.from_arrays(pa.array(c.ravel(), pa.uint8()), c.shape[1])
-        return pa.table(data)
+        return code_rows(item_ids, as_codes(codes, self.encoder.bits), self.encoder_id, **columns)
 
     def upsert(self, rows: pa.Table) -> int:
         """Insert rows, replacing any with the same ``item_id``; one commit. Returns rows written."""

@@ -145,7 +145,6 @@ class _Commits:
         self.errors: dict[str, str] = {}
         self.batches: dict[str, _Batch] = {}
         self.object_batches: dict[str, set[str]] = defaultdict(set)
-        self.stats = summary.stage_seconds
         self.last = time.monotonic()
 
     def add(self, batch: pa.Table) -> None:
@@ -164,7 +163,7 @@ class _Commits:
             if r["error"] and uri not in self.errors:
                 self.errors[uri] = r["error"]
             for stage, c in STAGE_COLUMNS:
-                self.stats[stage] = self.stats.get(stage, 0.0) + r[c]
+                self.summary.stage_seconds[stage] = self.summary.stage_seconds.get(stage, 0.0) + r[c]
             self.summary.tiles += r["n_tiles"]
             self.summary.bytes_read += r["bytes_read"]
             obs.INGEST_TILES.inc(r["n_tiles"])

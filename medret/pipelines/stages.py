@@ -26,7 +26,6 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -439,17 +438,11 @@ class Encode:
 INDEX_COLUMNS = (*META_COLUMNS, "slide_id", "tile_x", "tile_y", "mpp", "extra")
 
 
-def item_rows(batch: dict[str, npt.NDArray[Any]], encoder_id: str) -> pa.Table:
-    """Encoded item rows (numpy columns) -> rows of the code table."""
+def index_columns(batch: dict[str, npt.NDArray[Any]]) -> dict[str, pa.Array]:
+    """The index's metadata columns of encoded item rows (empty strings, -1 and NaN become nulls)."""
     import pyarrow.compute as pc
 
-    codes = np.ascontiguousarray(batch["code"], dtype=np.uint8)
-    n = len(codes)
-    cols: dict[str, Any] = {
-        "item_id": pa.array(batch["item_id"], pa.string()),
-        "source_uri": pa.array(batch["uri"], pa.string()),
-        "etag": pa.array(batch["etag"], pa.string()),
-    }
+    cols = {"source_uri": pa.array(batch["uri"], pa.string()), "etag": pa.array(batch["etag"], pa.string())}
     for c in INDEX_COLUMNS:
         a = pa.array(batch[c])
         if pa.types.is_string(a.type) or pa.types.is_large_string(a.type):
@@ -458,10 +451,7 @@ def item_rows(batch: dict[str, npt.NDArray[Any]], encoder_id: str) -> pa.Table:
             cols[c] = pc.if_else(pc.equal(a, -1), pa.scalar(None, a.type), a)
         else:
             cols[c] = pc.if_else(pc.is_nan(a), pa.scalar(None, a.type), a)
-    cols["encoder_id"] = pa.array([encoder_id] * n, pa.string())
-    cols["indexed_at"] = pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
-    cols["code"] = pa.FixedSizeListArray.from_arrays(pa.array(codes.ravel(), pa.uint8()), codes.shape[1])
-    return pa.table(cols)
+    return cols
 
 
 #: per-unit sums the driver adds to the job summary
@@ -478,7 +468,8 @@ def write(batch: dict[str, npt.NDArray[Any]], target: FragmentTarget) -> pa.Tabl
     t0 = time.perf_counter()
     ok = np.asarray(batch["ok"], dtype=bool)
     good = {k: np.asarray(v)[ok] for k, v in batch.items()}
-    fragments = target.write(item_rows(good, target.encoder_id)) if ok.any() else []
+    codes = np.ascontiguousarray(good["code"], dtype=np.uint8)
+    fragments = target.write(good["item_id"].tolist(), codes, **index_columns(good)) if ok.any() else []
     write_s = time.perf_counter() - t0
     units: dict[str, dict[str, Any]] = {}
     for i, unit_id in enumerate(batch["unit_id"].tolist()):
