@@ -55,3 +55,23 @@ def test_encoder_id_changes_with_any_field() -> None:
     assert a.encoder_id != a.model_copy(update={"preprocess": "xray"}).encoder_id
     with pytest.raises(ValueError, match="multiple of 8"):
         EncoderConfig(name="x", bits=50)
+
+
+def test_balance_bits_splits_every_bit_in_half() -> None:
+    """A hash layer whose bits are nearly constant on the data: after balancing, each bit is on for half of it."""
+    import torch
+
+    from medret.models.backbones import create_backbone
+    from medret.models.hashnet import HashNet
+
+    torch.manual_seed(0)
+    net = HashNet(create_backbone("lenet5", 1, {}), 16).eval()
+    with torch.no_grad():
+        net.hash.bias.fill_(5.0)  # every bit 1 on every image: one code for everything
+    x = torch.rand(400, 1, 28, 28)
+    with torch.inference_mode():
+        before = (net(x)[1] > 0).float().mean(0)
+        net.balance_bits(net.forward_features(x[:200]))
+        after = (net(x)[1] > 0).float().mean(0)
+    assert bool((before == 1).all())
+    assert bool(((after > 0.35) & (after < 0.65)).all()), after  # half, on images it was not fitted on too

@@ -23,19 +23,27 @@ def files(data_dir: Path) -> list[str]:
 
 def test_evaluate_cli_json_and_plots(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plots = tmp_path / "plots"
-    code = main(["evaluate", "pca-itq:16", "default", "--data", *files(data_dir), "--plots", str(plots), "--json"])
+    code = main(
+        ["evaluate", "pca-itq:16", "default", "pca-itq:16", "--data", *files(data_dir), "--plots", str(plots), "--json"]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["queries"] == 78 + 504
     labels = [r["label"] for r in out["results"]]
-    assert labels == ["pca-itq-16b", "default-48b"]
+    assert labels == ["pca-itq-16b", "default-48b", "pca-itq-16b-2"]  # one label, one plot each
     for r in out["results"]:
         assert set(r["hamming"]["per_organ"]) == {"breastmnist", "pneumoniamnist"}
         for key in ("mAP@10", "mAP@100", "mAP@1000", "P@10", "nDCG@100", "mAP@100 (organ)"):
             assert 0.0 <= r["hamming"]["micro"][key] <= 1.0
     # a trained encoder beats the training-free baseline on the strict metric
     assert out["results"][1]["hamming"]["macro"]["mAP@100"] > out["results"][0]["hamming"]["macro"]["mAP@100"]
-    for name in ("pr.png", "map_at_k.png", "montage-default-48b.png", "montage-pca-itq-16b.png"):
+    for name in (
+        "pr.png",
+        "map_at_k.png",
+        "montage-default-48b.png",
+        "montage-pca-itq-16b.png",
+        "montage-pca-itq-16b-2.png",
+    ):
         assert (plots / name).stat().st_size > 10_000
     curves = json.loads((plots / "curves.json").read_text())
     assert len(curves["default-48b"]["precision"]) == 49

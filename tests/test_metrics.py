@@ -83,3 +83,17 @@ def test_majority_vote_ties_go_to_best_ranked() -> None:
     labels = np.array([["a", "b", "b", "a"], ["c", "a", "b", "d"], ["x", "y", "y", "y"]])
     np.testing.assert_array_equal(majority_vote_at_k(labels, np.array(["a", "c", "y"]), 4), [1, 1, 1])
     np.testing.assert_array_equal(majority_vote_at_k(labels, np.array(["b", "a", "x"]), 1), [0, 0, 1])
+
+
+def test_leave_one_out_queries_are_drawn_from_the_whole_part() -> None:
+    """The validation score must not read only the first classes of a class-ordered part."""
+    from medret.eval.retrieval import leave_one_out_map
+    from medret.models.codes import pack_bits
+
+    labels = np.repeat([0, 1], 50)
+    bits = np.where(np.arange(16) < 8, 1.0, -1.0)[None].repeat(100, 0)  # every item at class 0's code:
+    # a class 1 query ties with everything and meets class 0 first (gallery order), a class 0 query is perfect
+    codes = pack_bits(bits)
+    score = leave_one_out_map(codes, labels, n_queries=50, k=10)
+    assert 0.3 < score < 0.7  # the first 50 (class 0 only) would score 1.0
+    assert score == leave_one_out_map(codes, labels, n_queries=50, k=10)  # seeded

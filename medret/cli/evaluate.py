@@ -72,7 +72,14 @@ def run(args: argparse.Namespace) -> int:
         # classifier + hash layer retrieves in two stages by definition: report both rankings
         res = evaluate_encoder(encoder, split, rerank=args.rerank or encoder.config.method == "clshash")
         res["name"] = spec
-        res["label"] = f"{encoder.config.method or encoder.config.name}-{encoder.config.bits}b"
+        # a training folder is named by its run (two runs of one method and bit length differ there)
+        label = (
+            Path(spec).name
+            if Path(spec).is_dir()
+            else f"{encoder.config.method or encoder.config.name}-{encoder.config.bits}b"
+        )
+        taken = sum(r["base_label"] == label for r in results)
+        res["base_label"], res["label"] = label, f"{label}-{taken + 1}" if taken else label
         train_json = None if spec.startswith("pca-itq") else encoder_path(spec).parent / "train.json"
         if train_json is not None and train_json.is_file():
             res["training"] = json.loads(train_json.read_text())
@@ -81,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(res)
     if args.plots:
         write_plots(Path(args.plots), split, results)
-    public = [{k: v for k, v in r.items() if k != "codes"} for r in results]
+    public = [{k: v for k, v in r.items() if k not in ("codes", "base_label")} for r in results]
     if args.markdown:
         Path(args.markdown).write_text(markdown(public))
     if args.json:

@@ -44,7 +44,7 @@ class Method(nn.Module):
     """Base class. Subclasses set ``name`` and ``defaults`` and implement ``forward``."""
 
     name: ClassVar[str] = ""
-    # architecture, arch kwargs, optimisation and loss weights a fresh run starts from
+    # architecture, arch kwargs, optimisation, loss weights and code options a fresh run starts from
     defaults: ClassVar[dict[str, Any]] = {}
     classifier_classes: ClassVar[str] = "label"  # the HashNet classifier head predicts: label | organ | none
 

@@ -16,6 +16,13 @@ A LeNet-5 encoder with a tanh hash layer, trained with
 Hyperparameters from the authors' README: alpha1 = alpha2 = 0.5, beta = 0.6, gamma = 1, lr 1e-3.
 Unlike the authors' script, the optimiser steps once per batch, the classifier's softmax runs
 over classes, and the encoder receives the gradients of all its losses.
+
+One addition, on by default (``bit_balance``): the exported encoder thresholds each bit at its
+median over training codes instead of at 0 (:meth:`HashNet.balance_bits`). The Cauchy loss pulls
+same-class codes together until whole classes share one sign pattern, and leaves many bits nearly
+constant; the benchmark breaks Hamming ties by gallery order, so a shared code ranks a class's
+lower-numbered neighbours first. Measured on the same trained network: strict micro mAP@100 0.31
+with signs at 0, 0.69 with balanced bits (``docs/results.md``).
 """
 
 from __future__ import annotations
@@ -120,7 +127,8 @@ class DNHN(Method):
         "lr": 1e-3,
         "weight_decay": 0.0,
         "batch_size": 128,
-        "epochs": 10,
+        "epochs": 30,
+        "bit_balance": True,  # its Cauchy codes leave many bits nearly constant: see HashNet.balance_bits
         "hyper": {"alpha1": 0.5, "alpha2": 0.5, "beta": 0.6, "gamma": 1.0, "disc_lr_scale": 0.1},
     }
 

@@ -91,6 +91,16 @@ class HashNet(nn.Module):
             self.fine_mean.copy_(torch.from_numpy(mean))
             self.fine_proj.copy_(torch.from_numpy(proj))
 
+    @torch.no_grad()
+    def balance_bits(self, features: torch.Tensor) -> None:
+        """Move each hash bit's threshold to its median over ``features``: every bit then splits them in half.
+
+        Folded into the hash layer's bias, so the encoder stays a plain network (and its ONNX export too).
+        A method whose loss leaves bits nearly constant (DNHN) wastes them: constant bits make exact ties.
+        """
+        median = self.hash(features.float()).median(dim=0).values
+        self.hash.bias.sub_(median)
+
     def classify(self, code: torch.Tensor) -> torch.Tensor:
         if self.classifier is None:
             raise RuntimeError("this HashNet has no classifier head (n_classes=0)")

@@ -32,6 +32,11 @@ class TrainConfig(Frozen):
     organ_balance: float = Field(
         default=0.5, ge=0, le=1, description="sample organs with weight n^-balance: 0 natural, 1 equal"
     )
+    bit_balance: bool | None = Field(
+        default=None,
+        description="after training, move each hash bit's threshold from 0 to its median over training codes, "
+        "so every bit splits the data in half; default: the method's (on for dnhn)",
+    )
     samples_per_epoch: int | None = Field(default=None, ge=1, description="default: the training set size")
     init: str | None = Field(
         default=None,
@@ -103,6 +108,13 @@ class TrainConfig(Frozen):
             return self.fine_bits
         fraction = float(cast("type[Method]", METHODS.get(self.method)).defaults.get("fine_fraction", 0.0))
         return round(self.bits * fraction)
+
+    def resolved_bit_balance(self) -> bool:
+        from medret.methods import METHODS, Method
+
+        if self.bit_balance is not None:
+            return self.bit_balance
+        return bool(cast("type[Method]", METHODS.get(self.method)).defaults.get("bit_balance", False))
 
     def run_name(self) -> str:
         return self.name or f"{self.method}-{self.bits}b"

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from medret.errors import ConfigError
 from medret.eval.retrieval import leave_one_out_map
 from medret.methods import METHODS, Method
 from medret.models.encoder import EncoderConfig
-from medret.models.hashnet import TorchHashEncoder
+from medret.models.hashnet import HashNet, TorchHashEncoder
 from medret.train.config import TrainConfig
 from medret.train.data import Labels, augment, batches, epoch_indices, load_split, task_info, to_tensor
 
@@ -60,6 +61,12 @@ def encoder_config(cfg: TrainConfig, method: Method, organs: list[str], n_labels
             "data": cfg.data,
         },
     )
+
+
+def training_features(net: HashNet, images: npt.NDArray[np.uint8], sample: npt.NDArray[np.int64]) -> torch.Tensor:
+    """Backbone features of ``images[sample]``, in chunks."""
+    with torch.inference_mode():
+        return torch.cat([net.forward_features(to_tensor(images[c])) for c in np.array_split(sample, 10)])
 
 
 def lr_lambda(total_steps: int, warmup: int) -> Any:
@@ -202,13 +209,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 metrics["val_loss"] = fixed_batch_loss(method, val_batch, device)
                 net = copy.deepcopy(method.encoder).cpu().eval()
+                if cfg.resolved_bit_balance():  # thresholds from the training mix the run sampled
+                    sample = epoch_indices(train.organ, balance=cfg.organ_balance, samples=10_000, seed=cfg.seed + 1)
+                    net.balance_bits(training_features(net, train.images, sample))
                 if method.task.fine_bits:
                     sample = np.random.default_rng(cfg.seed).choice(len(train), min(len(train), 10_000), replace=False)
-                    with torch.inference_mode():
-                        feats = torch.cat(
-                            [net.forward_features(to_tensor(train.images[c])) for c in np.array_split(sample, 10)]
-                        )
-                    net.fit_fine(feats, seed=cfg.seed)
+                    net.fit_fine(training_features(net, train.images, sample), seed=cfg.seed)
                 encoder = TorchHashEncoder.from_module(net, enc_config)
                 codes = encoder.encode(val.images)
                 metrics["val_map100"] = leave_one_out_map(codes, labels.combined(val), cfg.val_queries)
