@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     split = load_split(args.data)
     results: list[dict[str, Any]] = []
+    seen: Counter[str] = Counter()
     for spec in args.encoders:
         t0 = time.perf_counter()
         encoder = resolve_encoder(spec, split["train"].images)
@@ -78,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
             if Path(spec).is_dir()
             else f"{encoder.config.method or encoder.config.name}-{encoder.config.bits}b"
         )
-        taken = sum(r["base_label"] == label for r in results)
-        res["base_label"], res["label"] = label, f"{label}-{taken + 1}" if taken else label
+        seen[label] += 1
+        res["label"] = f"{label}-{seen[label]}" if seen[label] > 1 else label
         train_json = None if spec.startswith("pca-itq") else encoder_path(spec).parent / "train.json"
         if train_json is not None and train_json.is_file():
             res["training"] = json.loads(train_json.read_text())
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(res)
     if args.plots:
         write_plots(Path(args.plots), split, results)
-    public = [{k: v for k, v in r.items() if k not in ("codes", "base_label")} for r in results]
+    public = [{k: v for k, v in r.items() if k != "codes"} for r in results]
     if args.markdown:
         Path(args.markdown).write_text(markdown(public))
     if args.json:

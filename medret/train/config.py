@@ -109,20 +109,15 @@ class TrainConfig(Frozen):
         fraction = float(cast("type[Method]", METHODS.get(self.method)).defaults.get("fine_fraction", 0.0))
         return round(self.bits * fraction)
 
-    def resolved_bit_balance(self) -> bool:
-        from medret.methods import METHODS, Method
-
-        if self.bit_balance is not None:
-            return self.bit_balance
-        return bool(cast("type[Method]", METHODS.get(self.method)).defaults.get("bit_balance", False))
-
     def run_name(self) -> str:
         return self.name or f"{self.method}-{self.bits}b"
 
-    def resolved(self, key: str) -> Any:
-        """A field, or the method's default for it when unset."""
+    def resolved(self, key: str, *fallback: Any) -> Any:
+        """A field, or the method's default for it when unset (``fallback`` where the method has none)."""
         from medret.methods import METHODS, Method
 
         value = getattr(self, key)
-        method = cast("type[Method]", METHODS.get(self.method))
-        return method.defaults[key] if value is None else value
+        if value is not None:
+            return value
+        defaults = cast("type[Method]", METHODS.get(self.method)).defaults
+        return defaults.get(key, *fallback) if fallback else defaults[key]

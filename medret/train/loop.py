@@ -209,7 +209,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 metrics["val_loss"] = fixed_batch_loss(method, val_batch, device)
                 net = copy.deepcopy(method.encoder).cpu().eval()
-                if cfg.resolved_bit_balance():  # thresholds from the training mix the run sampled
+                if cfg.resolved("bit_balance", False):  # thresholds from the training mix the run sampled
                     sample = epoch_indices(train.organ, balance=cfg.organ_balance, samples=10_000, seed=cfg.seed + 1)
                     net.balance_bits(training_features(net, train.images, sample))
                 if method.task.fine_bits:
