@@ -23,6 +23,14 @@ class UnknownNameError(MedretError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class InfrastructureError(MedretError):
+    """Marker: the infrastructure failed (a store down, throttling, expired credentials), not an input.
+
+    An indexing job never quarantines an object for an infrastructure fault: it retries, and
+    if the fault persists it stops with nothing lost (:class:`JobStoppedError`).
+    """
+
+
 class StorageError(MedretError, OSError):
     """Object storage failed after retries (names the URI and the reason)."""
 
@@ -31,8 +39,53 @@ class ObjectNotFoundError(StorageError, FileNotFoundError):
     """The object or file at a URI does not exist."""
 
 
-class StorageAuthError(StorageError, PermissionError):
-    """The storage server rejected our credentials."""
+class StorageUnavailableError(StorageError, InfrastructureError):
+    """The store could not be reached or did not answer: connection refused or reset, DNS, timeouts,
+    5xx and throttling after the client's own retries."""
+
+
+class StorageAuthError(StorageError, PermissionError, InfrastructureError):
+    """The storage server rejected our credentials (wrong, missing or expired)."""
+
+
+class IndexStoreError(InfrastructureError, OSError):
+    """The storage under a code table (a folder or ``s3://``) could not be read or written."""
+
+
+class JobStoppedError(MedretError, RuntimeError):
+    """An indexing job stopped before the end, losing nothing: the same command resumes it.
+
+    ``summary`` is the job's summary up to the stop, when there is one.
+    """
+
+    #: exit status of the command line (EX_TEMPFAIL: try again later)
+    exit_code = 75
+
+    def __init__(self, message: str, summary: object = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class StoreUnreachableError(JobStoppedError):
+    """The source or the index storage stayed unreachable for longer than ``storage_retry_s``."""
+
+
+class QuarantineStormError(JobStoppedError):
+    """Too large a share of a run's objects failed to read: a systematic fault, not bad files."""
+
+
+def fault_of(err: BaseException) -> str:
+    """Whose fault ``err`` is: ``"infra"`` (retry, never quarantine), ``"gone"`` (the object vanished
+    after it was listed: the next run sees it deleted) or ``"object"`` (quarantine with the reason).
+
+    >>> fault_of(StorageUnavailableError("s3://b/k: connection refused")), fault_of(ValueError("bad"))
+    ('infra', 'object')
+    """
+    if isinstance(err, InfrastructureError):
+        return "infra"
+    if isinstance(err, ObjectNotFoundError):
+        return "gone"
+    return "object"
 
 
 class InvalidURIError(MedretError, ValueError):
@@ -101,6 +154,22 @@ class PixelBudgetError(ReadError):
 
 class MissingSpacingError(ReadError):
     """The physical pixel size (mpp or mm) is missing and the caller gave none."""
+
+
+class NotFound(MedretError, LookupError):
+    """A table or item the request names does not exist (HTTP 404)."""
+
+
+class Forbidden(MedretError, PermissionError):
+    """The request would read outside the configured roots (HTTP 403)."""
+
+
+class UploadTooLarge(DataError):
+    """An upload is over the configured size limit (HTTP 413)."""
+
+
+class Busy(MedretError, RuntimeError):
+    """The service is at its limit for this kind of request; retry later (HTTP 503 with Retry-After)."""
 
 
 class PreprocessError(DataError):

@@ -49,7 +49,7 @@ def test_objects_commit_whole_with_every_fragment_they_share(tmp_path: Path) -> 
     # A was indexed before with an item its new version no longer has
     index.upsert(index.rows(["a#old"], np.zeros((1, 2), np.uint8), source_uri=["a"]))
     objects = [SourceObject(u, u, "e1", 1, "raster") for u in ("a", "b", "c")]
-    cfg = IndexJobConfig(source=str(tmp_path), commit_rows=1)
+    cfg = IndexJobConfig(source=str(tmp_path), commit_rows=1, quarantine_check_min=1)  # record at once
     summary = Summary(source=cfg.source, index={}, encoder_id=ENC.encoder_id, incremental=False)
     commits = _Commits(cfg, index, Manifest(uri), {}, summary, objects)
     target = index.fragment_target()
@@ -102,3 +102,37 @@ def test_compaction_merges_the_write_tasks_fragments(tmp_path: Path) -> None:
     assert index.fragments == 3
     assert index.compact() == 2 and index.fragments == 1
     assert index.to_arrow(["item_id", "code"]).sort_by("item_id").equals(state)
+
+
+def test_an_unwritable_index_is_a_storage_fault_not_a_bad_object(tmp_path: Path) -> None:
+    """Fragments that cannot be written (nothing listens at the index's endpoint) leave the batch's
+    objects uncommitted and unrecorded, and name the index; a source fault does the same."""
+    from medret.config import S3Config
+    from medret.index.store import FragmentTarget
+    from medret.storage.objects import lance_storage_options
+    from medret.storage.s3local import free_port
+
+    uri = str(tmp_path / "index")
+    index = CodeIndex.create(uri, ENC)
+    dead = S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id="k", secret_access_key="s",
+                    max_attempts=1, connect_timeout_s=1)  # fmt: skip
+    good = index.fragment_target()
+    target = FragmentTarget(
+        "s3://gone/index/codes.lance", good.schema, lance_storage_options("s3://gone", dead), good.encoder_id
+    )
+    out = write(encoded(rows("a", 0, 2)), target).to_pylist()
+    assert out[0]["fault"] == "index" and "writing codes to the index s3://gone/index/codes.lance" in out[0]["error"]
+    assert out[0]["items"] == 0 and out[0]["fragments"] == "[]"
+
+    objects = [SourceObject(u, u, "e1", 1, "raster") for u in ("a", "b")]
+    cfg = IndexJobConfig(source=str(tmp_path), commit_rows=1, quarantine_check_min=1)
+    summary = Summary(source=cfg.source, index={}, encoder_id=ENC.encoder_id, incremental=False)
+    commits = _Commits(cfg, index, Manifest(uri), {}, summary, objects)
+    commits.add(pa.Table.from_pylist(out))
+    unread = rows("b", 0, 0, error="reading s3://src/b: Could not connect to the endpoint URL")
+    unread[0]["fault"] = "infra"
+    commits.add(write(encoded(unread), good))
+    commits.commit()
+    assert commits.infra_fault == ("index", out[0]["error"])
+    assert (summary.indexed, summary.quarantined, summary.retry_later) == (0, 0, 2)
+    assert Manifest(uri).entries() == {} and index.count() == 0

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
 
 from medret import __version__
-from medret.errors import MedretError
+from medret.errors import JobStoppedError, MedretError
 
 # command -> (module, one-line help). Modules expose add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(importlib.import_module(args._module).run(args))
+    except JobStoppedError as err:  # nothing lost; the same command resumes
+        if getattr(args, "json", False) and err.summary is not None:
+            print(json.dumps(err.summary.to_dict(), indent=1))  # type: ignore[attr-defined]
+        print(f"medret {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except MedretError as err:
         print(f"medret {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -23,21 +23,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medret.config import S3Config
-    from medret.index.manifest import Manifest
+    from medret.index.manifest import Manifest, reason_class
 
     s3 = S3Config(endpoint_url=args.s3_endpoint)
     manifest = Manifest(args.index, args.table, s3, create=False)
     rows = manifest.as_rows("status = 'quarantined'")
+    for r in rows:
+        r["reason_class"] = reason_class(str(r["error"]))
     if args.action == "list":
-        if args.json:
-            print(json.dumps(rows, indent=1))
-            return 0
-        if not rows:
-            print(f"nothing quarantined in {args.index} table {args.table!r}")
-        for r in rows:
-            print(f"{r['uri']}\n    {r['error']}  (etag {r['etag']}, attempts {r['attempts']}, {r['updated_at']})")
-        return 0
+        return _list(args, rows)
     return _retry(args, rows, s3)
+
+
+def _list(args: argparse.Namespace, rows: list[dict[str, object]]) -> int:
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"nothing quarantined in {args.index} table {args.table!r}")
+    bad = [r for r in rows if r["reason_class"] == "object"]
+    storage = [r for r in rows if r["reason_class"] != "object"]
+    if bad:
+        print(f"{len(bad)} bad object(s): the object itself could not be read")
+    for r in bad:
+        print(f"{r['uri']}\n    {r['error']}  (etag {r['etag']}, attempts {r['attempts']}, {r['updated_at']})")
+    if storage:
+        print(
+            f"{len(storage)} object(s) recorded for a storage fault by an older medret (not bad files; "
+            "the next indexing run retries them without --force or retry):"
+        )
+    for r in storage:
+        print(f"{r['uri']}\n    {r['error']}  (etag {r['etag']}, attempts {r['attempts']}, {r['updated_at']})")
+    return 0
 
 
 def _retry(args: argparse.Namespace, rows: list[dict[str, object]], s3: object) -> int:

@@ -10,6 +10,7 @@ itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
@@ -21,6 +22,29 @@ from medret.config import S3Config
 from medret.index.store import connect, quote
 
 STATUSES = ("indexed", "quarantined", "deleted")
+
+#: how storage faults read in quarantine reasons recorded before medret told them from bad objects
+#: (it no longer quarantines for them); such objects are retried by the next run
+_STORAGE_REASON = re.compile(
+    r"Could not connect to the endpoint|Connect timeout|Read timeout|Connection (?:was closed|reset|refused|aborted)"
+    r"|Max retries exceeded|EndpointConnectionError|SlowDown|ServiceUnavailable|Service Unavailable|InternalError"
+    r"|Throttl|RequestLimitExceeded|TooManyRequests|ExpiredToken|InvalidAccessKeyId|SignatureDoesNotMatch"
+    r"|AccessDenied|Temporary failure in name resolution|Name or service not known|response broke off"
+    r"|storage_retry_s=",
+    re.IGNORECASE,
+)
+
+
+def reason_class(error: str) -> str:
+    """``"object"`` for a reason that says the object is bad, ``"storage"`` for a storage fault.
+
+    >>> reason_class("s3://b/a.png: not a PNG, JPEG, BMP or TIFF file")
+    'object'
+    >>> reason_class("reading s3://b/a.png: Could not connect to the endpoint URL: http://127.0.0.1:8333/b/a.png")
+    'storage'
+    """
+    return "storage" if _STORAGE_REASON.search(error or "") else "object"
+
 
 SCHEMA = pa.schema(
     [

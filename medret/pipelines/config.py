@@ -108,6 +108,27 @@ class IndexJobConfig(Frozen):
         default="quarantine",
         description="bad objects: record in the manifest and go on / log and go on (retried next run) / stop the job",
     )
+    pixel_budget: int = Field(
+        default=400_000_000,
+        ge=1,
+        description="most pixels (voxels) an object may declare; larger ones, and compressed streams that "
+        "inflate past it, are quarantined before decoding",
+    )
+    storage_retry_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="how long a store may stay unreachable (connection refused, timeouts, 5xx, throttling) before "
+        "the job stops, losing nothing; such faults never quarantine an object",
+    )
+    max_quarantine_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="stop instead of quarantining when more than this share of a run's objects are unreadable",
+    )
+    quarantine_check_min: int = Field(
+        default=100, ge=1, description="... judged once this many objects of the run are decided (indexed or bad)"
+    )
     commit_rows: int = Field(default=20_000, ge=1, description="commit once this many finished items are buffered")
     commit_seconds: float = Field(default=30.0, gt=0, description="... or once this long has passed")
     compact: bool = Field(

@@ -33,17 +33,19 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from medret.errors import ConfigError, MedretError
+from medret.errors import ConfigError, MedretError, fault_of
 from medret.index.store import FragmentTarget
+from medret.io.base import DEFAULT_PIXEL_BUDGET
 from medret.pipelines.config import TilingConfig
-from medret.storage.objects import LocalStore, ObjectStore
+from medret.storage.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
 #: index columns an item may set from its metadata (the rest of the metadata goes to ``extra``)
 READ_AHEAD = 8  # whole-object GETs in flight per read task
 META_COLUMNS = ("modality", "dataset", "label", "study_uid", "series_uid", "instance_uid")
-STRING_COLUMNS = ("item_id", "uri", "etag", "kind", "unit_id", "error", *META_COLUMNS, "slide_id", "extra")
+#: ``fault`` says whose fault ``error`` is (:func:`medret.errors.fault_of`): "object", "infra" or "gone"
+STRING_COLUMNS = ("item_id", "uri", "etag", "kind", "unit_id", "error", "fault", *META_COLUMNS, "slide_id", "extra")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class StageContext:
     recipes: dict[str, str]  # kind -> recipe
     tiling: TilingConfig
     cache_dir: str = ""
+    pixel_budget: int = DEFAULT_PIXEL_BUDGET  # most pixels (voxels) one object may declare
 
 
 # -- local copies of objects that libraries must open by path (slides) ----------------
@@ -64,9 +67,10 @@ def local_copy(ctx: StageContext, key: str, etag: str) -> Path:
     Downloads stream to disk (a slide is never held in memory) and land atomically,
     keyed by URI and etag, so every task on a node shares one copy.
     """
-    if isinstance(ctx.store, LocalStore):
-        return ctx.store._path(key)
-    target = _download(ctx, key, etag)
+    local = ctx.store.local_path(key)
+    if local is not None:
+        return local
+    target = ctx.store.call(lambda: _download(ctx, key, etag))  # a download broken off starts again
     _LOCAL_NAMES[str(target)] = ctx.store.uri_of(key)
     return target
 
@@ -130,7 +134,7 @@ def error_text(err: BaseException) -> str:
 # -- stage 1: units --------------------------------------------------------------------
 def expand(obj: dict[str, Any], ctx: StageContext) -> list[dict[str, Any]]:
     """One unit per object; a slide becomes units of tile positions over its tissue."""
-    unit = {**obj, "unit_index": 0, "object_units": 1, "tiles": "", "error": "", "plan_s": 0.0}
+    unit = {**obj, "unit_index": 0, "object_units": 1, "tiles": "", "error": "", "fault": "", "plan_s": 0.0}
     t0 = time.perf_counter()
     try:
         kind = obj["kind"]
@@ -156,7 +160,7 @@ def expand(obj: dict[str, Any], ctx: StageContext) -> list[dict[str, Any]]:
             for i, g in enumerate(groups)
         ]
     except Exception as err:  # a bad object becomes an error unit; the job goes on
-        return [{**unit, "error": error_text(err), "plan_s": time.perf_counter() - t0}]
+        return [{**unit, "error": error_text(err), "fault": fault_of(err), "plan_s": time.perf_counter() - t0}]
 
 
 def _sniff(ctx: StageContext, obj: dict[str, Any]) -> str:
@@ -210,18 +214,18 @@ def _items_of(
     if kind == "nifti":
         from medret.io.volume import read_nifti
 
-        volume = read_nifti(data, name=label)
+        volume = read_nifti(data, name=label, pixel_budget=ctx.pixel_budget)
         prepared = _recipe(ctx, kind)(volume, input_size=size)
         meta: dict[str, Any] = {"modality": "MR", **volume.meta}
     else:
         if kind == "dicom":
             from medret.io.dicom import read_dicom
 
-            decoded = read_dicom(data, name=label)
+            decoded = read_dicom(data, name=label, pixel_budget=ctx.pixel_budget)
         elif kind == "raster":
             from medret.io.raster import read_raster
 
-            decoded = read_raster(data, name=label)
+            decoded = read_raster(data, name=label, pixel_budget=ctx.pixel_budget)
         else:
             raise ConfigError(f"{label}: no reader for kind {kind!r}")
         prepared = _recipe(ctx, kind)(decoded, input_size=size)
@@ -238,7 +242,8 @@ def _series_items(ctx: StageContext, unit: dict[str, Any]) -> tuple[list[_Item],
     with ThreadPoolExecutor(READ_AHEAD) as pool:
         blobs = list(pool.map(ctx.store.read_bytes, keys))
     read_s = time.perf_counter() - t0
-    volumes = read_dicom_series([(ctx.store.uri_of(k), b) for k, b in zip(keys, blobs, strict=True)])
+    sources = [(ctx.store.uri_of(k), b) for k, b in zip(keys, blobs, strict=True)]
+    volumes = read_dicom_series(sources, pixel_budget=ctx.pixel_budget)
     recipe = _recipe(ctx, "dicom-series")
     out = []
     for volume in volumes:
@@ -319,7 +324,7 @@ def load(batch: dict[str, npt.NDArray[Any]], ctx: StageContext) -> dict[str, npt
     for u, unit in enumerate(units):
         unit_id = f"{unit['uri']}@{unit['unit_index']}"
         t0 = time.perf_counter()
-        error, nbytes, read_s = str(unit["error"]), 0, 0.0
+        error, fault, nbytes, read_s = str(unit["error"]), str(unit.get("fault", "")), 0, 0.0
         items: list[_Item] = []
         if u in fetches:
             ahead(order[u] + READ_AHEAD)
@@ -327,7 +332,7 @@ def load(batch: dict[str, npt.NDArray[Any]], ctx: StageContext) -> dict[str, npt
             try:
                 items, nbytes, read_s = _items_of(ctx, unit, fetches.pop(u, None))
             except Exception as err:
-                error, items = error_text(err), []
+                error, fault, items = error_text(err), fault_of(err), []
         total_s = time.perf_counter() - t0
         base = {
             "uri": unit["uri"],
@@ -345,7 +350,7 @@ def load(batch: dict[str, npt.NDArray[Any]], ctx: StageContext) -> dict[str, npt
         }
         side = json.loads(unit["meta"]) if unit["meta"] else {}
         if not items:
-            rows.append({**base, **stats, "ok": False, "error": error, "item_id": ""})
+            rows.append({**base, **stats, "ok": False, "error": error, "fault": fault, "item_id": ""})
             images.append(blank)
             continue
         for i, it in enumerate(items):
@@ -469,7 +474,13 @@ def write(batch: dict[str, npt.NDArray[Any]], target: FragmentTarget) -> pa.Tabl
     ok = np.asarray(batch["ok"], dtype=bool)
     good = {k: np.asarray(v)[ok] for k, v in batch.items()}
     codes = np.ascontiguousarray(good["code"], dtype=np.uint8)
-    fragments = target.write(good["item_id"].tolist(), codes, **index_columns(good)) if ok.any() else []
+    fragments: list[str] = []
+    failed = ""  # the index storage could not take the fragments: the whole batch is retried next run
+    try:
+        fragments = target.write(good["item_id"].tolist(), codes, **index_columns(good)) if ok.any() else []
+    except Exception as err:
+        failed = f"writing codes to the index {target.dataset_uri}: {error_text(err)}"
+        log.warning("%s", failed)
     write_s = time.perf_counter() - t0
     units: dict[str, dict[str, Any]] = {}
     for i, unit_id in enumerate(batch["unit_id"].tolist()):
@@ -482,12 +493,14 @@ def write(batch: dict[str, npt.NDArray[Any]], target: FragmentTarget) -> pa.Tabl
                 "object_units": int(batch["object_units"][i]),
                 "rows": 0,
                 "items": 0,
-                "error": "",
+                "error": failed,
+                "fault": "index" if failed else "",
                 **{c: 0 for c in _SUMS},
             }
         u["rows"] += 1
-        u["items"] += int(ok[i])
-        u["error"] = u["error"] or str(batch["error"][i])
+        u["items"] += int(ok[i]) if not failed else 0
+        if not u["error"] and batch["error"][i]:
+            u["error"], u["fault"] = str(batch["error"][i]), str(batch["fault"][i]) or "object"
         for c in _SUMS:
             u[c] += batch[c][i].item()
     rows = list(units.values())

@@ -12,21 +12,48 @@ b'hi'
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from medret.config import S3Config
-from medret.errors import ObjectNotFoundError, StorageAuthError, StorageError
+from medret.errors import ObjectNotFoundError, StorageAuthError, StorageError, StorageUnavailableError
 from medret.storage.uri import StorageURI, parse_uri
 
-_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}
+T = TypeVar("T")
+
+_AUTH_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "403",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "RequestExpired",
+}
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+#: answers that mean "the service, not the object": throttling and server-side failures
+_UNAVAILABLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "429",
+}
+#: errno values of a local path whose storage (a network mount, a failing disk) is failing
+_UNAVAILABLE_ERRNO = {5, 107, 110, 112, 113, 116, 121}  # EIO ENOTCONN ETIMEDOUT EHOSTDOWN EHOSTUNREACH ESTALE EREMOTEIO
 
 
 @dataclass(frozen=True)
@@ -78,6 +105,23 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None: ...
 
+    def local_path(self, key: str) -> Path | None:
+        """The object as a local file, when the store is a folder (no download needed); else None."""
+        return None
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, a few calls on this store that belong together (a whole download, say).
+
+        A plain store runs it once; :class:`~medret.storage.retry.RetryingStore` retries it
+        through an outage.
+        """
+        return fn()
+
+    @property
+    def name(self) -> str:
+        """The store as a person names it in a message: its root, and the endpoint for S3."""
+        return str(self.root)
+
     def exists(self, key: str) -> bool:
         try:
             self.info(key)
@@ -96,6 +140,9 @@ class LocalStore(ObjectStore):
         if p != self._base and self._base not in p.parents:
             raise ObjectNotFoundError(f"key {key!r} escapes the store root {str(self._base)!r}")
         return p
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
 
     def _info(self, p: Path, st: os.stat_result) -> ObjectInfo:
         key = p.relative_to(self._base).as_posix()
@@ -132,6 +179,8 @@ class LocalStore(ObjectStore):
             return p.read_bytes()
         except FileNotFoundError as err:
             raise ObjectNotFoundError(f"no such file: {p}") from err
+        except OSError as err:
+            raise _local_error(err, p) from err
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         with self.open(key) as f:
@@ -144,6 +193,8 @@ class LocalStore(ObjectStore):
             return p.open("rb")
         except FileNotFoundError as err:
             raise ObjectNotFoundError(f"no such file: {p}") from err
+        except OSError as err:
+            raise _local_error(err, p) from err
 
     def write_bytes(self, key: str, data: bytes) -> ObjectInfo:
         p = self._path(key)
@@ -164,6 +215,13 @@ class LocalStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+
+def _local_error(err: OSError, path: Path) -> OSError:
+    """A failing mount or disk is the storage's fault; anything else (permissions...) stays as it is."""
+    if err.errno in _UNAVAILABLE_ERRNO:
+        return StorageUnavailableError(f"reading {path}: {err.strerror or err} (errno {err.errno})")
+    return err
 
 
 def s3_client(cfg: S3Config | None = None) -> Any:
@@ -195,17 +253,65 @@ def s3_client(cfg: S3Config | None = None) -> Any:
 
 
 def _s3_error(err: Exception, what: str) -> StorageError:
-    from botocore.exceptions import ClientError
+    """Classify a boto3 failure: the object's (missing, refused for itself) or the service's (down, busy)."""
+    from botocore import exceptions as bx
 
-    if isinstance(err, ClientError):
+    if isinstance(err, bx.ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
+        status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         msg = f"{what}: {code} {err.response.get('Error', {}).get('Message', '')}".strip()
         if code in _AUTH_CODES:
             return StorageAuthError(f"{msg} (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
         if code in _MISSING_CODES:
             return ObjectNotFoundError(msg)
+        if code in _UNAVAILABLE_CODES or status >= 500 or status == 429:
+            return StorageUnavailableError(msg)
         return StorageError(msg)
+    if isinstance(err, bx.NoCredentialsError | bx.PartialCredentialsError | bx.CredentialRetrievalError):
+        return StorageAuthError(f"{what}: {err} (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+    if isinstance(
+        err,
+        bx.EndpointConnectionError
+        | bx.ConnectionError
+        | bx.ConnectionClosedError
+        | bx.ReadTimeoutError
+        | bx.ConnectTimeoutError
+        | bx.ResponseStreamingError
+        | bx.IncompleteReadError
+        | bx.HTTPClientError,
+    ):
+        return StorageUnavailableError(f"{what}: {err}")
     return StorageError(f"{what}: {err}")
+
+
+def _stream_error(err: Exception, what: str) -> StorageError:
+    """A response body that broke off while it was read (reset, timeout): the connection's fault."""
+    return StorageUnavailableError(f"{what}: the response broke off: {type(err).__name__}: {err}")
+
+
+class _Body(io.RawIOBase):
+    """An S3 response body whose read errors are storage errors, classified like any other call."""
+
+    def __init__(self, body: Any, what: str) -> None:
+        self._body, self._what = body, what
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return bytes(self._body.read(None if size is None or size < 0 else size))
+        except Exception as err:
+            raise _stream_error(err, self._what) from err
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._body.close()
+        super().close()
 
 
 _CLIENT_LOCK = threading.Lock()
@@ -272,22 +378,21 @@ class S3Store(ObjectStore):
         )
 
     def read_bytes(self, key: str) -> bytes:
-        body = self._get(key)["Body"]
-        try:
-            return bytes(body.read())
-        finally:
-            body.close()
+        with _Body(self._get(key)["Body"], f"reading {self.uri_of(key)}") as body:
+            return body.read()
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         body = self._get(key, Range=f"bytes={start}-{start + length - 1}")["Body"]
-        try:
-            return bytes(body.read())
-        finally:
-            body.close()
+        with _Body(body, f"reading {self.uri_of(key)}") as b:
+            return b.read()
 
     def open(self, key: str) -> IO[bytes]:
-        body: IO[bytes] = self._get(key)["Body"]
-        return body
+        return _Body(self._get(key)["Body"], f"reading {self.uri_of(key)}")  # type: ignore[return-value]
+
+    @property
+    def name(self) -> str:
+        endpoint = self.cfg.resolved_endpoint()
+        return f"{self.root} (endpoint {endpoint})" if endpoint else str(self.root)
 
     def write_bytes(self, key: str, data: bytes) -> ObjectInfo:
         put = self._call(
@@ -348,6 +453,10 @@ def lance_storage_options(uri: str, s3: S3Config | None = None) -> dict[str, str
     if key and secret:
         opts["aws_access_key_id"] = key
         opts["aws_secret_access_key"] = secret
+    # Lance's own retries would hold a write for minutes when the server is down; bound them like boto3's
+    opts["client_max_retries"] = str(max(0, cfg.max_attempts - 1))
+    opts["client_retry_timeout"] = str(int(cfg.read_timeout_s))
+    opts["connect_timeout"] = f"{cfg.connect_timeout_s:g}s"
     return opts
 
 

@@ -176,6 +176,13 @@ class SeaweedS3:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout_s)
 
+    def kill(self) -> None:
+        """SIGKILL the server and everything it started, as a crash would (fault-injection tests)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(15)
+
     def __enter__(self) -> SeaweedS3:
         return self.start()
 
