@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from medret.errors import CorruptFileError, NotAnImageError, TruncatedFileError
+from medret.errors import CorruptFileError, MedretError, NotAnImageError, TruncatedFileError
 from medret.io.base import (
     DEFAULT_PIXEL_BUDGET,
     READERS,
@@ -34,6 +34,7 @@ from medret.io.base import (
     read_source,
     source_name,
 )
+from medret.io.guard import check_codestreams, inflate
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,48 @@ def pseudonymise(value: str, salt: str) -> str:
     return hmac.new(salt.encode(), value.encode(), hashlib.sha256).hexdigest()[:24]
 
 
-def parse_dicom(data: bytes, label: str, *, stop_before_pixels: bool = False) -> Any:
-    """Parse a DICOM dataset, including ACR-NEMA files with no preamble or transfer syntax."""
+#: Deflated Explicit VR Little Endian: the whole dataset is one deflate stream
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _inflate_deflated(data: bytes, label: str, pixel_budget: int) -> bytes:
+    """A deflated-transfer-syntax file rewritten as plain Explicit VR Little Endian, inflated under a
+    bound (pydicom would inflate it whole before anything could be checked)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    try:
+        preamble = read_preamble(fp, force=True)
+        meta = _read_file_meta_info(fp)
+    except Exception as err:
+        raise CorruptFileError(label, f"unreadable DICOM file meta ({type(err).__name__}: {err})") from err
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+        return data
+    limit = pixel_budget * 2 + (16 << 20)  # 16-bit pixels at the budget plus the non-pixel elements
+    body = inflate(data[fp.tell() :], label, limit=limit, wbits=-15, what=" (the pixel budget's worth)")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    out.write((preamble or b"\0" * 128) + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    return bytes(out.getvalue()) + body
+
+
+def parse_dicom(
+    data: bytes, label: str, *, stop_before_pixels: bool = False, pixel_budget: int = DEFAULT_PIXEL_BUDGET
+) -> Any:
+    """Parse a DICOM dataset, including ACR-NEMA files with no preamble or transfer syntax.
+
+    A deflated dataset is inflated within ``pixel_budget``'s worth of bytes (a bomb is refused).
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+    if DEFLATED.encode() in data[:4096]:
+        data = _inflate_deflated(data, label, pixel_budget)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -209,6 +246,37 @@ def _check_native_length(ds: Any, label: str, expected: int) -> None:
         raise TruncatedFileError(label, f"pixel data has {have:,} bytes, the header declares {expected:,}")
 
 
+def check_pixels(ds: Any, label: str, pixel_budget: int) -> int:
+    """Everything about the pixels that can be checked before decoding them; returns the frame count.
+
+    The header's Rows x Columns x frames against the budget, native pixel data against the
+    length it needs, and each compressed frame's codestream (JPEG SOF, JPEG 2000 SIZ)
+    against the header: decoders allocate what the codestream says, not what the header says.
+    """
+    _require_image(ds, label)
+    rows, cols = _int(ds, "Rows", 0, label), _int(ds, "Columns", 0, label)
+    frames = max(_int(ds, "NumberOfFrames", 1, label), 1)
+    spp = _int(ds, "SamplesPerPixel", 1, label)
+    if rows <= 0 or cols <= 0:
+        raise CorruptFileError(label, f"declares an image of {rows}x{cols} pixels")
+    check_budget(label, rows * cols * frames * spp, pixel_budget, f"{rows}x{cols}x{frames} frames x{spp}")
+    if "PixelData" not in ds:
+        return frames
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        _check_native_length(ds, label, rows * cols * frames * spp * _int(ds, "BitsAllocated", 8, label) // 8)
+        return frames
+    from pydicom.encaps import generate_frames
+
+    try:
+        encapsulated = generate_frames(ds.PixelData, number_of_frames=frames)
+        check_codestreams(encapsulated, label, rows=rows, cols=cols, budget=pixel_budget, samples=spp)
+    except MedretError:
+        raise
+    except Exception as err:
+        raise CorruptFileError(label, f"encapsulated pixel data is malformed ({type(err).__name__}: {err})") from err
+    return frames
+
+
 def read_dicom(
     src: Source, *, name: str | None = None, pixel_budget: int = DEFAULT_PIXEL_BUDGET, salt: str | None = None
 ) -> Decoded:
@@ -220,17 +288,9 @@ def read_dicom(
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     label = source_name(src, name)
-    ds = parse_dicom(read_source(src, name), label)
-    _require_image(ds, label)
-    rows, cols = _int(ds, "Rows", 0, label), _int(ds, "Columns", 0, label)
-    frames = max(_int(ds, "NumberOfFrames", 1, label), 1)
-    spp = _int(ds, "SamplesPerPixel", 1, label)
-    if rows <= 0 or cols <= 0:
-        raise CorruptFileError(label, f"declares an image of {rows}x{cols} pixels")
-    check_budget(label, rows * cols * frames * spp, pixel_budget, f"{rows}x{cols}x{frames} frames x{spp}")
+    ds = parse_dicom(read_source(src, name), label, pixel_budget=pixel_budget)
+    frames = check_pixels(ds, label, pixel_budget)
     bits_alloc = _int(ds, "BitsAllocated", 8, label)
-    if "PixelData" in ds:
-        _check_native_length(ds, label, rows * cols * frames * spp * bits_alloc // 8)
     arr = _decode(ds, label, frames)
     if arr.size == 0:
         raise CorruptFileError(label, "decoded to an empty array")

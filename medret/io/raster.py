@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 
-from medret.errors import CorruptFileError, TruncatedFileError
+from medret.errors import CorruptFileError, PixelBudgetError, TruncatedFileError
 from medret.io.base import (
     DEFAULT_PIXEL_BUDGET,
     READERS,
@@ -18,9 +19,34 @@ from medret.io.base import (
     read_source,
     source_name,
 )
+from medret.io.guard import pillow_budget
 
 #: Pillow modes -> what we convert them to before handing pixels over.
 _CONVERT = {"P": "RGB", "PA": "RGB", "RGBA": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "LA": "L", "1": "L", "I;16B": "I"}
+
+
+#: most pages (TIFF) or frames (GIF, APNG) an image may have; counting them walks the file
+MAX_FRAMES = 256
+
+
+def _count_frames(im: Any, label: str) -> int:
+    """Frames up to :data:`MAX_FRAMES`, walked one by one (``n_frames`` would walk all 20,000 of a bomb)."""
+    if not getattr(im, "is_animated", False) and im.format != "TIFF":
+        return 1
+    n = 1
+    try:
+        while n <= MAX_FRAMES:
+            im.seek(n)
+            n += 1
+    except EOFError:
+        pass
+    except Exception as err:
+        raise CorruptFileError(label, f"page {n} cannot be read ({type(err).__name__}: {err})") from err
+    finally:
+        im.seek(0)
+    if n > MAX_FRAMES:
+        raise PixelBudgetError(label, f"has more than {MAX_FRAMES} pages or frames; refusing to read it")
+    return n
 
 
 def read_raster(src: Source, *, name: str | None = None, pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> Decoded:
@@ -30,10 +56,13 @@ def read_raster(src: Source, *, name: str | None = None, pixel_budget: int = DEF
     label = source_name(src, name)
     data = read_source(src, name)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), pillow_budget(pixel_budget):
             warnings.simplefilter("ignore")
-            Image.MAX_IMAGE_PIXELS = None  # we apply our own budget below, before decoding
             im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise PixelBudgetError(
+            label, f"declares an image far above the pixel budget of {pixel_budget:,} ({err})"
+        ) from err
     except UnidentifiedImageError as err:
         raise CorruptFileError(label, f"not a readable image (magic bytes {data[:8].hex()})") from err
     except Exception as err:
@@ -42,7 +71,7 @@ def read_raster(src: Source, *, name: str | None = None, pixel_budget: int = DEF
     bands = len(im.getbands())
     check_budget(label, w * h * bands, pixel_budget, f"{w}x{h}x{bands}")
     fmt = im.format or "image"
-    frames = int(getattr(im, "n_frames", 1))
+    frames = _count_frames(im, label)
     try:
         im.load()
     except OSError as err:

@@ -6,7 +6,6 @@ so preprocessing stays pure: arrays and millimetres in, arrays and millimetres o
 
 from __future__ import annotations
 
-import gzip
 import warnings
 import zlib
 from collections import defaultdict
@@ -19,7 +18,8 @@ import numpy.typing as npt
 
 from medret.errors import CorruptFileError, DataError, NotAnImageError, TruncatedFileError
 from medret.io.base import DEFAULT_PIXEL_BUDGET, READERS, Source, check_budget, read_source, source_name
-from medret.io.dicom import parse_dicom, safe_metadata
+from medret.io.dicom import check_pixels, parse_dicom, safe_metadata
+from medret.io.guard import inflate
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -63,14 +63,16 @@ class Volume:
         return str(sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(self.direction))
 
 
-def _nifti_bytes(data: bytes, label: str) -> bytes:
-    if data[:2] != b"\x1f\x8b":
-        return data
+#: bytes of a NIfTI-2 header (the larger one) plus its extension flag
+_HEADER_BYTES = 544
+
+
+def _gunzip_head(data: bytes, label: str, n: int) -> bytes:
+    """The first ``n`` inflated bytes of a gzip stream, inflating no more than that."""
+    d = zlib.decompressobj(31)
     try:
-        return gzip.decompress(data)
-    except (EOFError, zlib.error) as err:
-        raise TruncatedFileError(label, f"gzip stream ends early or is damaged ({err})") from err
-    except OSError as err:
+        return d.decompress(data, n)
+    except zlib.error as err:
         raise CorruptFileError(label, f"not a valid gzip stream ({err})") from err
 
 
@@ -79,12 +81,14 @@ def read_nifti(src: Source, *, name: str | None = None, pixel_budget: int = DEFA
     import nibabel as nib
 
     label = source_name(src, name)
-    raw = _nifti_bytes(read_source(src, name), label)
+    raw = read_source(src, name)
+    gz = raw[:2] == b"\x1f\x8b"
+    head = _gunzip_head(raw, label, _HEADER_BYTES) if gz else raw
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            klass = nib.Nifti2Image if raw[:4] == b"\x1c\x02\x00\x00" else nib.Nifti1Image
-            header = klass.header_class.from_fileobj(_BytesReader(raw))
+            klass = nib.Nifti2Image if head[:4] == b"\x1c\x02\x00\x00" else nib.Nifti1Image
+            header = klass.header_class.from_fileobj(_BytesReader(head))
     except Exception as err:
         raise CorruptFileError(label, f"not a NIfTI header ({type(err).__name__}: {err})") from err
     shape = tuple(int(d) for d in header.get_data_shape())
@@ -93,6 +97,8 @@ def read_nifti(src: Source, *, name: str | None = None, pixel_budget: int = DEFA
     voxels = int(np.prod(shape))
     check_budget(label, voxels, pixel_budget, "x".join(map(str, shape)))
     need = int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
+    if gz:  # inflate what the header declares and a little more, never a bomb's worth
+        raw = inflate(raw, label, limit=need + (1 << 20), what=f" (the header declares {need:,})")
     if len(raw) < need:
         raise TruncatedFileError(label, f"volume data has {len(raw):,} bytes, the header declares {need:,}")
     img = klass.from_bytes(raw)
@@ -153,11 +159,13 @@ def _slice_geometry(ds: Any, label: str) -> tuple[npt.NDArray[np.float64], npt.N
     return iop, ipp
 
 
-def group_series(sources: Sequence[tuple[str, bytes]]) -> dict[str, list[tuple[str, Any]]]:
+def group_series(
+    sources: Sequence[tuple[str, bytes]], *, pixel_budget: int = DEFAULT_PIXEL_BUDGET
+) -> dict[str, list[tuple[str, Any]]]:
     """Parse DICOM files and group them by SeriesInstanceUID (files without one are refused)."""
     groups: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     for label, data in sources:
-        ds = parse_dicom(data, label)
+        ds = parse_dicom(data, label, pixel_budget=pixel_budget)
         uid = str(ds.get("SeriesInstanceUID", "")).strip()
         if not uid:
             raise DataError(f"{label}: no SeriesInstanceUID; cannot place it in a series")
@@ -165,12 +173,26 @@ def group_series(sources: Sequence[tuple[str, bytes]]) -> dict[str, list[tuple[s
     return dict(groups)
 
 
-def volume_from_series(slices: Sequence[tuple[str, Any]], *, tolerance: float = SLICE_GAP_TOLERANCE) -> Volume:
-    """Stack one series' slices in order along the slice normal, checking geometry is consistent."""
+def volume_from_series(
+    slices: Sequence[tuple[str, Any]],
+    *,
+    tolerance: float = SLICE_GAP_TOLERANCE,
+    pixel_budget: int = DEFAULT_PIXEL_BUDGET,
+) -> Volume:
+    """Stack one series' slices in order along the slice normal, checking geometry is consistent.
+
+    Each slice's pixels are checked before decoding (:func:`~medret.io.dicom.check_pixels`),
+    and the whole volume against ``pixel_budget`` voxels.
+    """
     from pydicom.pixels import apply_modality_lut
 
     if not slices:
         raise DataError("empty DICOM series")
+    voxels = 0
+    for label, ds in slices:
+        check_pixels(ds, label, pixel_budget)
+        voxels += int(ds.Rows) * int(ds.Columns)
+    check_budget(slices[0][0], voxels, pixel_budget, f"a series of {len(slices)} slices")
     first_label, first = slices[0]
     iop0, _ = _slice_geometry(first, first_label)
     row, col = iop0[:3], iop0[3:]
@@ -217,9 +239,12 @@ def volume_from_series(slices: Sequence[tuple[str, Any]], *, tolerance: float = 
     )
 
 
-def read_dicom_series(sources: Sequence[tuple[str, bytes]]) -> list[Volume]:
+def read_dicom_series(
+    sources: Sequence[tuple[str, bytes]], *, pixel_budget: int = DEFAULT_PIXEL_BUDGET
+) -> list[Volume]:
     """One volume per SeriesInstanceUID among the given ``(name, bytes)`` files."""
-    return [volume_from_series(group) for group in group_series(sources).values()]
+    groups = group_series(sources, pixel_budget=pixel_budget)
+    return [volume_from_series(group, pixel_budget=pixel_budget) for group in groups.values()]
 
 
 READERS.register("nifti")(read_nifti)
