@@ -19,8 +19,10 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_serve_config_validates_and_builds_the_application() -> None:
+def test_serve_config_validates_and_builds_the_application(monkeypatch: pytest.MonkeyPatch) -> None:
     from ray.serve.schema import ServeDeploySchema
+
+    from medret.errors import ConfigError
 
     doc = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     schema = ServeDeploySchema.model_validate(doc)
@@ -29,8 +31,15 @@ def test_serve_config_validates_and_builds_the_application() -> None:
     from medret.serve.deployment import QueryDeployment, app_builder
 
     assert [d.name for d in app.deployments] == [QueryDeployment.name]  # type: ignore[attr-defined]
+    assert "token" not in app.args  # secrets never in the Serve config
+    monkeypatch.delenv("MEDRET_TOKEN", raising=False)
+    monkeypatch.delenv("MEDRET_TOKEN_FILE", raising=False)
+    with pytest.raises(ConfigError, match="without a bearer token"):  # binds 0.0.0.0: no anonymous API
+        app_builder(app.args)
+    monkeypatch.setenv("MEDRET_TOKEN", "from-a-kubernetes-secret")
     built = app_builder(app.args)
     assert type(built).__name__ == "Application"
+    assert "from-a-kubernetes-secret" not in str(built)
 
 
 def test_serve_app_builder_names_a_bad_field() -> None:
@@ -38,7 +47,7 @@ def test_serve_app_builder_names_a_bad_field() -> None:
     from medret.serve.deployment import app_builder
 
     with pytest.raises(ConfigError, match="max_upload_bytes"):
-        app_builder({"index": "x", "max_upload_bytes": "lots"})
+        app_builder({"index": "x", "max_upload_bytes": "lots", "allow_anonymous": True})
     with pytest.raises(ConfigError, match="colour"):
         app_builder({"colour": "blue"})
 
@@ -185,6 +194,9 @@ def test_rayservice_carries_the_serve_config_and_validates() -> None:
     check_ray_cluster(doc["spec"]["rayClusterConfig"])
     ports = [p["containerPort"] for c in containers(doc["spec"]["rayClusterConfig"]) for p in c["ports"]]
     assert ports.count(serve_config["http_options"]["port"]) == 2  # head and query workers serve HTTP
+    for c in containers(doc["spec"]["rayClusterConfig"]):  # every node that may host a replica has the token
+        token = [e for e in c["env"] if e["name"] == "MEDRET_TOKEN"]
+        assert token and token[0]["valueFrom"]["secretKeyRef"]["name"] == "medret-query-token", c["name"]
 
 
 def test_prometheus_scrapes_what_the_manifests_expose() -> None:

@@ -96,6 +96,7 @@ def test_pillows_own_guard_is_never_switched_off() -> None:
     assert before == Image.MAX_IMAGE_PIXELS
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_the_indexing_job_quarantines_hostile_objects_with_the_reason(tmp_path: Path) -> None:
     """The same readers serve the job: each bomb becomes a quarantine reason, the good file is indexed."""
     from medret.index.manifest import Manifest

@@ -33,18 +33,23 @@ from ray.serve.context import _get_internal_replica_context
 
 from medret import observability as obs
 from medret.errors import (
+    Busy,
     ConfigError,
     EncoderMismatchError,
+    Forbidden,
     IndexError_,
     InvalidURIError,
     MedretError,
+    NotFound,
     PixelBudgetError,
     SchemaError,
     StorageError,
     UnsupportedFormatError,
+    UploadTooLarge,
 )
 from medret.index.store import CodeIndex
-from medret.serve.engine import Forbidden, NotFound, QueryEngine, ServiceConfig, UploadTooLarge
+from medret.serve.engine import QueryEngine, ServiceConfig
+from medret.serve.guard import ERROR_RESPONSES, RequestGuard, public_message
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +84,27 @@ class TableInfo(BaseModel):
     recipes: dict[str, Any]
 
 
+class Health(BaseModel):
+    status: str
+    auth: bool
+
+
 class Service:
-    """What one replica holds: the engine and a batched encoder."""
+    """What one replica holds: the engine, a batched encoder, and a bounded pool for expensive uploads.
+
+    Volumes (MRI registration, seconds to a minute of CPU each) are prepared on
+    ``heavy_workers`` threads of their own with ITK limited to as many threads, and at most
+    ``heavy_queue`` are admitted at once (more get 503 with Retry-After), so a PNG query
+    never waits behind them.
+    """
 
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
         self.engine = QueryEngine(cfg)
+        self._heavy = concurrent.futures.ThreadPoolExecutor(
+            cfg.heavy_workers, thread_name_prefix="medret-heavy", initializer=_limit_itk, initargs=(cfg.heavy_workers,)
+        )
+        self._heavy_admitted = 0
         # the model gets a thread of its own: behind decoding and searching in the shared pool, a batch
         # would wait for a free thread while new queries pile up elsewhere instead of in the batch queue
         self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="medret-encode")
@@ -121,6 +141,24 @@ class Service:
                     out[i] = err
         return out
 
+    async def prepare(
+        self, idx: CodeIndex, data: bytes, name: str, kind: str, slice: int | None, mpp: float | None
+    ) -> Any:
+        """Decode and preprocess an upload: cheap kinds on the shared threads, volumes on the bounded pool."""
+        if not self.engine.is_heavy(data, name, kind):
+            return await asyncio.to_thread(_prepare, self.engine, idx, data, name, kind, slice, mpp)
+        if self._heavy_admitted >= self.cfg.heavy_queue:
+            raise Busy(
+                f"{name[:200]}: {self._heavy_admitted} volume uploads are already being prepared "
+                f"(heavy_queue={self.cfg.heavy_queue}); retry shortly"
+            )
+        self._heavy_admitted += 1  # the event loop is one thread: no lock needed
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._heavy, _prepare, self.engine, idx, data, name, kind, slice, mpp)
+        finally:
+            self._heavy_admitted -= 1
+
     async def encode(self, idx: CodeIndex, image: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
         result = await self.encode_batched((idx, image))
         if isinstance(result, BaseException):
@@ -137,8 +175,8 @@ def status_of(err: BaseException) -> int:
         return 413
     if isinstance(err, UnsupportedFormatError):
         return 415
-    if isinstance(err, EncoderMismatchError):
-        return 503  # the service cannot encode for this table: an operator's problem, said plainly
+    if isinstance(err, (EncoderMismatchError, Busy)):
+        return 503  # the service cannot answer this now: an operator's problem or a full queue, said plainly
     if isinstance(err, (ConfigError, SchemaError, InvalidURIError)):
         return 400
     if isinstance(err, StorageError):
@@ -152,51 +190,14 @@ def _page() -> str:
     return resources.files("medret.serve").joinpath("static/index.html").read_text()
 
 
-class _BodyLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes (413) before they are parsed."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        too_big = JSONResponse(
-            {"detail": f"request body is over the upload limit of {self.limit} bytes"}, status_code=413
-        )
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await too_big(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooBig
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooBig:
-            await too_big(scope, receive, send)
-
-
-class _TooBig(Exception):
-    pass
-
-
 def create_app(service: Service) -> FastAPI:
     cfg, engine = service.cfg, service.engine
     app = FastAPI(
         title="medret query service",
         version="1",
         description="Top-k similar medical images by Hamming distance over deep hashing codes.",
+        redirect_slashes=False,  # a redirect would echo the client's Host header
+        responses=ERROR_RESPONSES,
     )
 
     def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -225,7 +226,8 @@ def create_app(service: Service) -> FastAPI:
         code = status_of(err)
         if code >= 500:
             log.error("%s %s: %s", request.method, request.url.path, err)
-        return JSONResponse({"detail": str(err)}, status_code=code)
+        headers = {"Retry-After": "5"} if isinstance(err, Busy) else None
+        return JSONResponse({"detail": public_message(str(err))}, status_code=code, headers=headers)
 
     def item_urls(table: str, item_id: str) -> tuple[str, str]:
         q = quote(item_id, safe="")
@@ -255,10 +257,11 @@ def create_app(service: Service) -> FastAPI:
         if where:
             try:
                 extra = json.loads(where)
-            except ValueError as err:
+            except (ValueError, RecursionError) as err:
                 raise ConfigError(f"filters must be a JSON object of column: value, got {where[:100]!r}") from err
             if not isinstance(extra, dict) or not all(
-                isinstance(v, (str, int, float)) or (isinstance(v, list) and all(isinstance(x, (str, int)) for x in v))
+                isinstance(v, (str, int, float))
+                or (isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v))
                 for v in extra.values()
             ):
                 raise ConfigError('filters must map columns to a value or a list of values, e.g. {"label": ["1"]}')
@@ -270,9 +273,15 @@ def create_app(service: Service) -> FastAPI:
     async def page() -> HTMLResponse:
         return HTMLResponse(_page())
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "index": cfg.index, "auth": bool(cfg.token)}
+    @app.get("/healthz", responses={503: {"model": Health, "description": "the index cannot be reached"}})
+    async def healthz() -> Any:
+        """Whether this replica can answer queries (the index's tables are reachable)."""
+        try:
+            await asyncio.to_thread(engine.health)
+        except Exception as err:
+            log.warning("health check failed: %s", err)
+            return JSONResponse({"status": "unavailable", "auth": bool(cfg.token)}, status_code=503)
+        return Health(status="ok", auth=bool(cfg.token))
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
@@ -304,7 +313,7 @@ def create_app(service: Service) -> FastAPI:
         data = await file.read(cfg.max_upload_bytes + 1)
         name = file.filename or "upload"
         idx = await asyncio.to_thread(engine.index, table)
-        q = await asyncio.to_thread(_prepare, engine, idx, data, name, kind, slice, mpp)
+        q = await service.prepare(idx, data, name, kind, slice, mpp)
         t1 = time.perf_counter()
         code = await service.encode(idx, q.image)
         t2 = time.perf_counter()
@@ -373,8 +382,20 @@ def create_app(service: Service) -> FastAPI:
         thumb, similar_url = item_urls(idx.name, item_id)
         return {"table": idx.name, **row, "thumbnail_url": thumb, "similar_url": similar_url}
 
-    app.add_middleware(_BodyLimit, limit=cfg.max_upload_bytes + (1 << 16))  # multipart framing on top
+    if cfg.allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(cfg.allowed_hosts))
+    # outermost: auth and body limits are decided before any body is read or parsed
+    app.add_middleware(RequestGuard, cfg=cfg)
     return app
+
+
+def _limit_itk(threads: int) -> None:
+    """ITK's own thread pool at the heavy pool's size (it would take every core)."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def _prepare(

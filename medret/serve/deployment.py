@@ -13,6 +13,7 @@ from ray import serve
 from medret.config import format_validation_error
 from medret.errors import ConfigError
 from medret.serve.engine import ServiceConfig
+from medret.serve.secrets import TOKEN_ENV, require_auth, resolve, without_secrets
 
 APP_NAME = "medret"
 
@@ -20,12 +21,16 @@ APP_NAME = "medret"
 @serve.deployment(name="medret-query", ray_actor_options={"num_cpus": 0.5})
 @serve.ingress()
 class QueryDeployment:
-    """A replica: the engine (tables, encoder, snapshot of the codes) plus the HTTP app."""
+    """A replica: the engine (tables, encoder, snapshot of the codes) plus the HTTP app.
+
+    Its secrets (token, S3 keys) come from its environment or the secret files, never from
+    the init arguments (:mod:`medret.serve.secrets`).
+    """
 
     def __init__(self, config_json: str) -> None:
         from medret.serve.app import Service
 
-        self.service = Service(ServiceConfig.model_validate_json(config_json))
+        self.service = Service(resolve(ServiceConfig.model_validate_json(config_json)))
         self.service.engine.warm()
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -35,18 +40,32 @@ class QueryDeployment:
 
 
 def build(cfg: ServiceConfig) -> Any:
-    """The bound application for ``serve.run``."""
+    """The bound application for ``serve.run``: the config without its secrets."""
     return QueryDeployment.options(  # type: ignore[attr-defined]
-        num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests
-    ).bind(cfg.model_dump_json())
+        num_replicas=cfg.replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+    ).bind(without_secrets(cfg))
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """``import_path: medret.serve.deployment:app_builder``; ``args`` are :class:`ServiceConfig` fields."""
+    """``import_path: medret.serve.deployment:app_builder``; ``args`` are :class:`ServiceConfig` fields.
+
+    This is the path of ``serve run`` / ``serve deploy`` and KubeRay's RayService, which bind
+    all interfaces: without a token in the environment (``MEDRET_TOKEN``, ``MEDRET_TOKEN_FILE``)
+    or ``token_file`` it refuses to build unless ``allow_anonymous: true``.
+    """
     from pydantic import ValidationError
 
+    args = dict(args or {})
+    if "token" in args:
+        raise ConfigError(
+            "serve application args must not hold the token (they are stored and shown by Serve); "
+            f"set {TOKEN_ENV} in the replicas' environment or token_file"
+        )
     try:
-        cfg = ServiceConfig.model_validate(args or {})
+        cfg = ServiceConfig.model_validate(args)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "serve application args")) from err
+    require_auth(cfg, "a Serve application")
     return build(cfg)

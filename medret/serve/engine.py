@@ -35,10 +35,13 @@ from medret.errors import (
     ConfigError,
     DataError,
     EncoderMismatchError,
+    Forbidden,
     MedretError,
+    NotFound,
     ObjectNotFoundError,
     TableNotFoundError,
     UnsupportedFormatError,
+    UploadTooLarge,
 )
 from medret.index.manifest import manifest_name
 from medret.index.store import CodeIndex, list_tables, where_clause
@@ -71,7 +74,23 @@ class ServiceConfig(Frozen):
         description="search tables at least this large through their IVF index (CodeIndex.create_ivf), if any",
     )
     ivf_nprobes: int = Field(default=20, ge=1, description="IVF partitions probed per query")
-    token: str | None = Field(default=None, repr=False, description="bearer token; auth is on when set")
+    token: str | None = Field(
+        default=None,
+        repr=False,
+        exclude=True,
+        description="bearer token; auth is on when set. Give it as MEDRET_TOKEN or token_file, never as an "
+        "argument: it is never serialised (replicas read it from their environment or the file)",
+    )
+    token_file: str | None = Field(
+        default=None, description="file holding the bearer token (a Kubernetes secret mount); also MEDRET_TOKEN_FILE"
+    )
+    secrets_file: str | None = Field(
+        default=None,
+        description="JSON file with token and S3 keys that `medret serve` writes (0600) for its replicas",
+    )
+    allow_anonymous: bool = Field(
+        default=False, description="serve /v1 without a token on a non-loopback address (off: refuse to start)"
+    )
     max_upload_bytes: int = Field(default=64 << 20, ge=1024)
     pixel_budget: int = Field(default=50_000_000, ge=1, description="most pixels an upload may declare")
     max_k: int = Field(default=1000, ge=1)
@@ -79,6 +98,18 @@ class ServiceConfig(Frozen):
     batch_max_size: int = Field(default=32, ge=1, le=1024)
     batch_wait_s: float = Field(default=0.0, ge=0, le=1, description="how long a batch waits to fill")
     max_ongoing_requests: int = Field(default=128, ge=1)
+    max_queued_requests: int = Field(default=256, ge=1, description="requests a replica queue holds before 503")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="Serve ends a request running this long")
+    body_idle_s: float = Field(default=10.0, gt=0, description="longest wait for the next piece of a request body")
+    body_grace_s: float = Field(default=5.0, ge=0, description="after this long a body must arrive at min_body_rate")
+    min_body_rate: int = Field(default=32 << 10, ge=1, description="bytes per second a body must average (408)")
+    heavy_workers: int = Field(default=1, ge=1, description="threads for expensive uploads (MRI registration)")
+    heavy_queue: int = Field(
+        default=4, ge=1, description="expensive uploads admitted at once (running + waiting); more get 503"
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        default=(), description="Host header values accepted (e.g. medret.hospital.org); empty: any"
+    )
     replicas: int = Field(default=1, ge=1)
 
     @field_validator("table")
@@ -87,18 +118,6 @@ class ServiceConfig(Frozen):
         if v is not None and not TABLE_NAME.match(v):
             raise ValueError("must be a table name (letters, digits, '_' and '-')")
         return v
-
-
-class NotFound(MedretError, LookupError):
-    """A table or item the request names does not exist (HTTP 404)."""
-
-
-class Forbidden(MedretError, PermissionError):
-    """The request would read outside the configured roots (HTTP 403)."""
-
-
-class UploadTooLarge(DataError):
-    """An upload is over the configured size limit (HTTP 413)."""
 
 
 @dataclass
@@ -312,11 +331,15 @@ class QueryEngine:
                 rgb = decoded.frame(0)
                 target = float(rec["tiling"]["mpp"])
                 if mpp is not None and mpp > 0 and abs(mpp - target) > 1e-6:
+                    from medret.io.base import check_budget
                     from medret.io.wsi import resize_rgb
 
                     h, w = rgb.shape[:2]
                     scale = mpp / target
-                    rgb = resize_rgb(np.asarray(rgb), (max(1, round(w * scale)), max(1, round(h * scale))))
+                    out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+                    # cost grows with the square of mpp: the rescaled tile is under the same budget
+                    check_budget(name, out_w * out_h * 3, budget, f"{w}x{h} at mpp {mpp:g} -> {out_w}x{out_h}x3")
+                    rgb = resize_rgb(np.asarray(rgb), (out_w, out_h))
                 image, meta = tile_input(np.asarray(rgb), size), {"mpp": target}
             else:
                 prepared = RECIPES.get(rec["kinds"]["dicom" if kind == "dicom" else "raster"])(decoded, input_size=size)
@@ -325,6 +348,17 @@ class QueryEngine:
                 meta = {"frame": slice or 0} if len(prepared) > 1 else {}
         t2 = time.perf_counter()
         return Query(image, kind, meta, {"decode": t1 - t0, "preprocess": t2 - t1})
+
+    @staticmethod
+    def is_heavy(data: bytes, filename: str, kind: str) -> bool:
+        """Whether preparing this upload is expensive (a volume: registration to the template)."""
+        from medret.io.detect import HEAD_BYTES, detect_kind
+
+        return kind == "nifti" or (kind == "auto" and detect_kind(filename or "upload", data[:HEAD_BYTES]) == "nifti")
+
+    def health(self) -> None:
+        """Raise if this engine cannot answer: the index's table list is unreachable."""
+        self.table_names()
 
     @staticmethod
     def _choose(prepared: Sequence[Any], choice: int | None, name: str, what: str) -> Any:
