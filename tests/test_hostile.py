@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import hostile
+import pytest
 
 #: most extra peak memory a refused file may cost a fresh process, over reading a small valid file
 BOUND_MB = 150
