@@ -81,11 +81,20 @@ def fault_of(err: BaseException) -> str:
     >>> fault_of(StorageUnavailableError("s3://b/k: connection refused")), fault_of(ValueError("bad"))
     ('infra', 'object')
     """
-    if isinstance(err, InfrastructureError):
+    if isinstance(err, InfrastructureError) or _failing_mount(err) or _failing_mount(err.__cause__):
         return "infra"
     if isinstance(err, ObjectNotFoundError):
         return "gone"
     return "object"
+
+
+#: errnos of a failing disk or network mount: EIO ENOTCONN ETIMEDOUT EHOSTDOWN EHOSTUNREACH ESTALE EREMOTEIO
+UNAVAILABLE_ERRNO = frozenset({5, 107, 110, 112, 113, 116, 121})
+
+
+def _failing_mount(err: BaseException | None) -> bool:
+    """A library that opens a local file itself (a slide reader) meets a failing mount as a bare OSError."""
+    return isinstance(err, OSError) and err.errno in UNAVAILABLE_ERRNO
 
 
 class InvalidURIError(MedretError, ValueError):

@@ -6,13 +6,17 @@ without the guards these files cost the decoder 0.5-4 GB (see :mod:`tests.hostil
 
 from __future__ import annotations
 
+import io
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import hostile
+import numpy as np
 import pytest
+from PIL import Image
 
 #: most extra peak memory a refused file may cost a fresh process, over reading a small valid file
 BOUND_MB = 150
@@ -124,3 +128,90 @@ def test_the_indexing_job_quarantines_hostile_objects_with_the_reason(tmp_path: 
     assert "inflates to more than" in reasons["bomb.nii.gz"]
     assert "inflates to more than" in reasons["deflated-bomb.dcm"]
     assert "codestream declares" in reasons["jpeg-bomb.dcm"]
+
+
+def _jpeg(side: int = 64) -> bytearray:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((side, side), 128, np.uint8)).save(buf, format="JPEG")
+    return bytearray(buf.getvalue())
+
+
+def _app_segments(total: int) -> bytes:
+    """APP15 segments of ``total`` bytes in all: a frame header may come after any number of them."""
+    out = b""
+    while total > 0:
+        n = min(total, 65533)
+        out += b"\xff\xef" + struct.pack(">H", n + 2) + bytes(n)
+        total -= n
+    return out
+
+
+def _j2k(data_dir: Path) -> bytes:
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(data_dir / "dicom" / "pydicom-data__RG1_J2KI.dcm")
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def _box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I4s", 8 + len(payload), kind) + payload
+
+
+def test_a_frame_header_after_200_kib_of_segments_is_still_found() -> None:
+    from medret.errors import PixelBudgetError
+    from medret.io.guard import check_codestreams, codestream_size
+
+    jpeg = _jpeg()
+    at = jpeg.find(b"\xff\xc0")
+    jpeg[at + 5 : at + 9] = struct.pack(">HH", 20000, 20000)
+    padded = bytes(jpeg[:2]) + _app_segments(200 << 10) + bytes(jpeg[2:])
+    assert codestream_size(padded) == (20000, 20000, 1)
+    with pytest.raises(PixelBudgetError, match="20000x20000"):
+        check_codestreams(iter([padded]), "pad.dcm", rows=64, cols=64, budget=10**9)
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [("no SOF", "no frame header"), ("height 0", "declares 64x0"), ("stray byte", "stray byte")],
+)
+def test_a_jpeg_whose_frame_header_is_unusable_is_refused(case: str, says: str) -> None:
+    from medret.errors import CorruptFileError
+    from medret.io.guard import codestream_size
+
+    jpeg = _jpeg()
+    at = jpeg.find(b"\xff\xc0")
+    if case == "no SOF":
+        end = at + 2 + struct.unpack(">H", jpeg[at + 2 : at + 4])[0]
+        jpeg[at:end] = b""
+    elif case == "height 0":
+        jpeg[at + 5 : at + 7] = b"\0\0"
+    else:
+        jpeg[at:at] = b"\x00"
+    with pytest.raises(CorruptFileError, match=says):
+        codestream_size(bytes(jpeg), "x.dcm")
+
+
+def test_a_jp2_is_sized_by_its_codestream_box_not_by_the_first_marker_lookalike(data_dir: Path) -> None:
+    from medret.errors import CorruptFileError
+    from medret.io.guard import codestream_size
+
+    real = bytearray(_j2k(data_dir))
+    real[8:16] = struct.pack(">II", 20000, 20000)
+    decoy = b"\xff\x4f\xff\x51" + bytes(40)  # a SOC/SIZ lookalike in an XML box before the codestream
+    signature = _box(b"jP  ", b"\r\n\x87\n") + _box(b"ftyp", b"jp2 \0\0\0\0jp2 ")
+    jp2 = signature + _box(b"xml ", decoy) + _box(b"jp2c", bytes(real))
+    assert codestream_size(jp2)[:2] == (20000, 20000)
+    with pytest.raises(CorruptFileError, match="no codestream"):
+        codestream_size(signature + _box(b"xml ", decoy), "x.dcm")
+
+
+def test_the_budget_counts_the_codestreams_components_when_it_has_more(data_dir: Path) -> None:
+    from medret.errors import PixelBudgetError
+    from medret.io.guard import check_codestreams
+
+    j2k = bytearray(_j2k(data_dir))  # 1841x1955, one component; the header claims one sample
+    check_codestreams(iter([bytes(j2k)]), "a.dcm", rows=1955, cols=1841, budget=4_000_000)
+    j2k[40:42] = struct.pack(">H", 3)  # Csiz: three components
+    with pytest.raises(PixelBudgetError, match="above the pixel budget"):
+        check_codestreams(iter([bytes(j2k)]), "a.dcm", rows=1955, cols=1841, budget=4_000_000)

@@ -78,6 +78,7 @@ BAD_FILTERS = [
     ({"tile_x": "abc"}, "tile_x", "integer column"),
     ({"tile_x": [1, "x"]}, "tile_x", "integer column"),
     ({"mpp": "NaN"}, "mpp", "finite number"),
+    ({"mpp": 10**400}, "mpp", "number column"),
     ({"mpp": "inf"}, "mpp", "finite number"),
     ({"tile_y": 10**30}, "tile_y", "64-bit range"),
     ({"label": ["x"] * 1001}, "label", "1 to 1000 values"),
@@ -115,8 +116,11 @@ def test_three_hundred_random_filter_objects_never_give_a_5xx(api: TestClient, i
 
 
 # -- the ASGI guard -----------------------------------------------------------------------------------
-def asgi(application: Any, body_chunks: list[bytes], *, headers: dict[str, str], delay: float = 0.0) -> dict:
-    """Drive one POST /v1/search through the ASGI app; records how much of the body was pulled."""
+def asgi(
+    application: Any, body_chunks: list[bytes], *, headers: dict[str, str], delay: float = 0.0, root: str = ""
+) -> dict:
+    """Drive one POST /v1/search (under ``root``, as Serve's route_prefix) through the ASGI app; records how
+    much of the body was pulled."""
     pulled = {"n": 0}
     sent: list[dict[str, Any]] = []
 
@@ -139,9 +143,9 @@ def asgi(application: Any, body_chunks: list[bytes], *, headers: dict[str, str],
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/v1/search",
-        "raw_path": b"/v1/search",
-        "root_path": "",
+        "path": f"{root}/v1/search",
+        "raw_path": f"{root}/v1/search".encode(),
+        "root_path": root,
         "query_string": b"",
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
         "client": ("127.0.0.1", 5000),
@@ -162,6 +166,17 @@ def test_a_request_without_the_token_is_refused_before_its_body_is_read(index: d
     assert out["status"] == 401 and out["pulled"] == 0
     out = asgi(secured, [b"x"], headers={**MULTIPART, "authorization": "Bearer wrong"})
     assert out["status"] == 401 and out["pulled"] == 0
+    out = asgi(secured, [b"--xx\r\n"] * 10, headers={**MULTIPART, "content-length": "60"}, root="/medret")
+    assert out["status"] == 401 and out["pulled"] == 0  # under a Serve route_prefix too
+
+
+def test_only_the_page_health_metrics_and_spec_are_public(index: dict[str, Any]) -> None:
+    secured = TestClient(app(index, token="s3cret"))
+    for path in ("/", "/healthz", "/metrics", "/openapi.json", "/docs"):
+        assert secured.get(path).status_code == 200, path
+    for path in ("/v1/tables", "/v1/nope", "/v2/search", "/admin", "//v1/tables", "/V1/tables"):
+        assert secured.get(path).status_code == 401, path
+    assert secured.get("/v1/tables", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
 def test_a_chunked_body_over_the_limit_is_a_413(index: dict[str, Any]) -> None:
@@ -236,6 +251,8 @@ def test_the_token_never_travels_in_the_deployments_arguments() -> None:
 
     with pytest.raises(ConfigError, match="must not hold the token"):
         app_builder({"token": "x"})
+    with pytest.raises(ConfigError, match="must not hold S3 keys"):
+        app_builder({"s3": {"secret_access_key": "SK"}, "allow_anonymous": True})
     import os
 
     saved = {k: os.environ.pop(k) for k in ("MEDRET_TOKEN", "MEDRET_TOKEN_FILE") if k in os.environ}
@@ -247,6 +264,22 @@ def test_the_token_never_travels_in_the_deployments_arguments() -> None:
         os.environ.update(saved)
 
 
+def test_a_replica_that_finds_no_token_refuses_to_serve_anonymously(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built with a token, a replica whose environment lacks it (one node missing the secret) fails to start."""
+    from medret.errors import ConfigError
+    from medret.serve.deployment import build, replica_config
+
+    monkeypatch.delenv("MEDRET_TOKEN_FILE", raising=False)
+    monkeypatch.setenv("MEDRET_TOKEN", "s3cret")
+    (config_json,) = build(ServiceConfig(index="x"))._bound_deployment.init_args
+    assert json.loads(config_json)["auth_required"] is True and "s3cret" not in config_json
+    monkeypatch.delenv("MEDRET_TOKEN")
+    with pytest.raises(ConfigError, match="finds no bearer token"):
+        replica_config(config_json)
+    monkeypatch.setenv("MEDRET_TOKEN", "s3cret")
+    assert replica_config(config_json).token == "s3cret"
+
+
 def test_secrets_come_from_the_environment_and_files(tmp_path: Path) -> None:
     from medret.serve.secrets import resolve, write_secrets_file
 
@@ -255,6 +288,7 @@ def test_secrets_come_from_the_environment_and_files(tmp_path: Path) -> None:
     f.write_text("t2\n")
     assert resolve(ServiceConfig(), {"MEDRET_TOKEN_FILE": str(f)}).token == "t2"
     assert resolve(ServiceConfig(token_file=str(f)), {}).token == "t2"
+    assert resolve(ServiceConfig(token_file=str(f)), {"MEDRET_TOKEN": "inherited"}).token == "t2"
     cfg, path = write_secrets_file(ServiceConfig(token="t3", s3={"secret_access_key": "SK", "access_key_id": "AK"}))
     assert path is not None and oct(path.stat().st_mode & 0o777) == "0o600"
     bare = ServiceConfig.model_validate_json(cfg.model_dump_json())  # what a replica gets: no secrets

@@ -29,6 +29,8 @@ from PIL import Image
 
 from medret.config import S3Config
 from medret.errors import (
+    ConfigError,
+    JobStoppedError,
     ObjectNotFoundError,
     QuarantineStormError,
     StorageAuthError,
@@ -103,6 +105,24 @@ def test_decoder_oserrors_are_the_objects_fault() -> None:
     with pytest.raises(OSError) as caught:
         Image.open(io.BytesIO(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)).load()
     assert fault_of(caught.value) == "object"  # Pillow's OSError is about the bytes, not the store
+
+
+def test_a_failing_mount_under_a_reader_that_opens_files_itself_is_infrastructure(tmp_path: Path) -> None:
+    """A slide reader opening a file on a stale NFS mount sees a bare OSError; that is the store's fault."""
+    import errno
+
+    from medret.errors import CorruptFileError
+    from medret.storage.objects import open_store
+
+    stale = OSError(errno.ESTALE, "Stale file handle")
+    assert fault_of(stale) == "infra"
+    try:
+        raise CorruptFileError("s.svs", "cannot open") from stale
+    except CorruptFileError as err:
+        assert fault_of(err) == "infra"
+    assert fault_of(OSError(errno.EACCES, "Permission denied")) == "object"
+    with pytest.raises(ConfigError, match="does not exist"):
+        list(open_store(str(tmp_path / "nope")).list())
 
 
 def test_retries_share_one_outage_budget() -> None:
@@ -382,3 +402,29 @@ def test_old_storage_fault_quarantines_are_listed_apart_and_retried(
     assert (again.indexed, again.unchanged) == (1, 3)
     assert Manifest(index).entries()[old.uri].status == "indexed"
     assert CodeIndex.open(index).count() == 3
+
+
+# -- a source folder that is gone or empty is not "every object deleted" ----------------------------------
+@pytest.mark.usefixtures("ray_local")
+def test_an_unmounted_source_folder_deletes_nothing(pngs: list[bytes], tmp_path: Path) -> None:
+    src = tmp_path / "share"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.png").write_bytes(pngs[i])
+    index = str(tmp_path / "index")
+    cfg = IndexJobConfig(
+        source=str(src), index={"uri": index}, out=str(tmp_path / "o"), progress=False, incremental=True
+    )
+    assert run_index(cfg).indexed == 4
+    src.rename(tmp_path / "away")  # the share's mount point is gone
+    with pytest.raises(ConfigError, match="share.*does not exist"):
+        run_index(cfg)
+    src.mkdir()  # the mount point is there, the share is not mounted on it
+    with pytest.raises(JobStoppedError, match="lists no objects, yet the index holds 4") as caught:
+        run_index(cfg)
+    assert caught.value.exit_code == 75
+    assert Manifest(index).counts() == {"indexed": 4} and CodeIndex.open(index).count() == 4
+    src.rmdir()
+    (tmp_path / "away").rename(src)  # mounted again: nothing to do
+    again = run_index(cfg)
+    assert (again.indexed, again.deleted, again.unchanged) == (0, 0, 4)

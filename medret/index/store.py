@@ -490,7 +490,10 @@ MAX_FILTER_VALUES = 1000
 def _literal(col: str, value: object) -> str:
     """One filter value as a SQL literal of the column's type, or a SchemaError that names both."""
     typ = sch.METADATA_COLUMNS[col][0]
-    shown = repr(value)[:80]
+    try:
+        shown = repr(value)[:80]
+    except ValueError:  # an int of more digits than Python will print
+        raise SchemaError(f"filter {col!r}: a number too long to read") from None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise SchemaError(f"filter {col!r}: values are strings or numbers, got {shown}")
     if pa.types.is_integer(typ):
@@ -504,7 +507,7 @@ def _literal(col: str, value: object) -> str:
     if pa.types.is_floating(typ):
         try:
             real = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise SchemaError(f"filter {col!r} is a number column, got {shown}") from None
         if not math.isfinite(real):
             raise SchemaError(f"filter {col!r} needs a finite number, got {shown}")

@@ -24,6 +24,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from medret.errors import CorruptFileError, PixelBudgetError, TruncatedFileError
 
@@ -88,45 +89,100 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 _STANDALONE = {0x01, *range(0xD0, 0xD9)}
 
 
-def codestream_size(frame: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` that a JPEG, JPEG-LS or JPEG 2000 codestream declares, or None if not one.
+class Codestream(NamedTuple):
+    """What a compressed frame's own header declares: the decoder allocates this, not the DICOM header."""
+
+    width: int
+    height: int
+    components: int
+
+
+def codestream_size(frame: bytes, label: str = "frame") -> Codestream | None:
+    """The size a JPEG, JPEG-LS or JPEG 2000 (J2K or JP2) codestream declares, None if it is none of these.
+
+    The whole frame header is walked, however many segments come before the frame header;
+    a codestream that starts like one of these and declares no usable size is refused,
+    since its decoder would learn the size only while allocating.
 
     >>> sof = bytes.fromhex("ffd8ffc0000b08") + struct.pack(">HH", 300, 400) + bytes.fromhex("01011100")
     >>> codestream_size(sof)
-    (400, 300)
+    Codestream(width=400, height=300, components=1)
+    >>> codestream_size(bytes.fromhex("ffd8ffd9"), "a.dcm")
+    Traceback (most recent call last):
+    ...
+    medret.errors.CorruptFileError: a.dcm: JPEG codestream has no frame header (SOF) before its scan data
     """
-    head = frame[: 1 << 16]
-    if head[:4] == b"\xff\x4f\xff\x51":  # J2K: SOC then SIZ
-        return _siz(head, 2)
-    at = head.find(b"\xff\x4f\xff\x51")  # a JP2 file wraps the codestream in boxes
-    if head[4:8] == b"jP  " and at >= 0:
-        return _siz(head, at + 2)
-    if head[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 4 <= len(head):
-        if head[i] != 0xFF:
-            return None
-        marker = head[i + 1]
+    if frame[:4] == b"\xff\x4f\xff\x51":  # J2K: SOC then SIZ
+        return _siz(frame, 2, label)
+    if frame[4:12] == b"jP  \r\n\x87\n":
+        return _siz(frame, _jp2_codestream(frame, label) + 2, label)
+    if frame[:2] == b"\xff\xd8":
+        return _sof(frame, label)
+    return None
+
+
+def _sof(frame: bytes, label: str) -> Codestream:
+    i, n = 2, len(frame)
+    while i + 2 <= n:
+        if frame[i] != 0xFF:
+            raise CorruptFileError(label, f"JPEG codestream has a stray byte at offset {i} in its header")
+        marker = frame[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
         if marker in _STANDALONE:
             i += 2
             continue
-        (length,) = struct.unpack(">H", head[i + 2 : i + 4])
-        if marker in _SOF and i + 9 <= len(head):
-            height, width = struct.unpack(">HH", head[i + 5 : i + 9])
-            return width, height
+        if marker in (0xDA, 0xD9):  # start of scan / end of image, and no frame header yet
+            break
+        if i + 4 > n:
+            break
+        (length,) = struct.unpack(">H", frame[i + 2 : i + 4])
+        if marker in _SOF:
+            if i + 10 > n or length < 8:
+                raise TruncatedFileError(label, "JPEG frame header (SOF) is cut short")
+            height, width = struct.unpack(">HH", frame[i + 5 : i + 9])
+            if width == 0 or height == 0:  # height 0 defers it to a DNL marker after the scan
+                raise CorruptFileError(label, f"JPEG frame header declares {width}x{height} pixels")
+            return Codestream(width, height, frame[i + 9])
+        if length < 2:
+            raise CorruptFileError(label, f"JPEG segment at offset {i} has length {length}")
         i += 2 + length
-    return None
+    raise CorruptFileError(label, "JPEG codestream has no frame header (SOF) before its scan data")
 
 
-def _siz(head: bytes, at: int) -> tuple[int, int] | None:
-    if at + 2 + 20 > len(head):
-        return None
-    xsiz, ysiz, xo, yo = struct.unpack(">IIII", head[at + 6 : at + 22])
-    return max(0, xsiz - xo), max(0, ysiz - yo)
+def _jp2_codestream(frame: bytes, label: str) -> int:
+    """Offset of the codestream in a JP2 file's top-level contiguous-codestream (jp2c) box."""
+    i, n = 0, len(frame)
+    while i + 8 <= n:
+        length, kind = struct.unpack(">I4s", frame[i : i + 8])
+        head = 8
+        if length == 1:  # 64-bit length follows
+            if i + 16 > n:
+                break
+            (length,) = struct.unpack(">Q", frame[i + 8 : i + 16])
+            head = 16
+        elif length == 0:  # runs to the end
+            length = n - i
+        if kind == b"jp2c":
+            return i + head
+        if length < head:
+            raise CorruptFileError(label, f"JP2 box {kind!r} at offset {i} has length {length}")
+        i += length
+    raise CorruptFileError(label, "JP2 file has no codestream (jp2c) box")
+
+
+def _siz(frame: bytes, at: int, label: str) -> Codestream:
+    if frame[at - 2 : at + 2] != b"\xff\x4f\xff\x51":
+        raise CorruptFileError(label, "JPEG 2000 codestream does not start with SOC and SIZ markers")
+    if at + 40 > len(frame):
+        raise TruncatedFileError(label, "JPEG 2000 size marker (SIZ) is cut short")
+    xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[at + 6 : at + 22])
+    (components,) = struct.unpack(">H", frame[at + 38 : at + 40])
+    width, height = xsiz - xo, ysiz - yo
+    if width <= 0 or height <= 0:
+        raise CorruptFileError(label, f"JPEG 2000 size marker (SIZ) declares {width}x{height} pixels")
+    return Codestream(width, height, components)
 
 
 def check_codestreams(
@@ -134,11 +190,11 @@ def check_codestreams(
 ) -> None:
     """Refuse encapsulated frames whose codestream declares more than the DICOM header (or the budget)."""
     for n, frame in enumerate(frames):
-        size = codestream_size(frame)
+        size = codestream_size(frame, label)
         if size is None:
             continue
-        width, height = size
-        if width * height * samples > budget:
+        width, height = size.width, size.height
+        if width * height * max(samples, size.components) > budget:
             raise PixelBudgetError(
                 label,
                 f"frame {n}'s codestream declares {width}x{height} pixels, above the pixel budget of {budget:,}; "

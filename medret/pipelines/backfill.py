@@ -501,6 +501,14 @@ def _plan(
     if cfg.incremental and not cfg.only:
         root = store.uri_of("").rstrip("/") + "/"
         gone = sorted(u for u, e in known.items() if e.status != "deleted" and u not in listed and u.startswith(root))
+        if gone and not objects:
+            raise JobStoppedError(
+                f"stopped: the source {cfg.source} lists no objects, yet the index holds {len(gone)} from it; "
+                "refusing to remove them all as deleted (a share not mounted, a wrong prefix, or credentials "
+                "that see an empty bucket?). Nothing was changed. If the source really is empty now, remove the "
+                "table instead.",
+                summary,
+            )
         if gone:
             what = f"removing deleted objects from {cfg.index.uri}"
             _index_call(what, lambda: _forget(cfg, index, manifest, known, gone))
@@ -596,8 +604,9 @@ def _run_pipeline(
             _say(cfg, f"{done}/{len(todo)} objects committed, {summary.items_written:,} items")
     commits.commit()
     fault = commits.infra_fault
-    if fault:
-        commits.release_quarantines(final=True)
+    if fault:  # a run cut short decides no share: its held quarantines wait for the next run
+        summary.retry_later += len(commits.held)
+        commits.held = []
         raise (IndexStoreError if fault[0] == "index" else StorageUnavailableError)(fault[1])
     commits.release_quarantines(final=True)
     leftover = len(commits.object_units) + len(commits.unit_rows)

@@ -68,7 +68,8 @@ def local_copy(ctx: StageContext, key: str, etag: str) -> Path:
     keyed by URI and etag, so every task on a node shares one copy.
     """
     local = ctx.store.local_path(key)
-    if local is not None:
+    if local is not None:  # the reader opens it itself: a failing mount is met here, through the retries
+        ctx.store.call(lambda: ctx.store.info(key))
         return local
     target = ctx.store.call(lambda: _download(ctx, key, etag))  # a download broken off starts again
     _LOCAL_NAMES[str(target)] = ctx.store.uri_of(key)

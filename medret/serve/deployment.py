@@ -13,7 +13,7 @@ from ray import serve
 from medret.config import format_validation_error
 from medret.errors import ConfigError
 from medret.serve.engine import ServiceConfig
-from medret.serve.secrets import TOKEN_ENV, require_auth, resolve, without_secrets
+from medret.serve.secrets import TOKEN_ENV, TOKEN_FILE_ENV, require_auth, resolve, without_secrets
 
 APP_NAME = "medret"
 
@@ -30,7 +30,7 @@ class QueryDeployment:
     def __init__(self, config_json: str) -> None:
         from medret.serve.app import Service
 
-        self.service = Service(resolve(ServiceConfig.model_validate_json(config_json)))
+        self.service = Service(replica_config(config_json))
         self.service.engine.warm()
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -39,8 +39,26 @@ class QueryDeployment:
         return create_app(self.service)
 
 
+def replica_config(config_json: str) -> ServiceConfig:
+    """A replica's config: its init arguments with the secrets it finds where it runs."""
+    cfg = resolve(ServiceConfig.model_validate_json(config_json))
+    if cfg.auth_required and not cfg.token:
+        raise ConfigError(
+            "this replica finds no bearer token though the application was built with one: set "
+            f"{TOKEN_ENV} (or {TOKEN_FILE_ENV} / token_file) in every replica's environment; refusing to "
+            "serve without auth"
+        )
+    return cfg
+
+
 def build(cfg: ServiceConfig) -> Any:
-    """The bound application for ``serve.run``: the config without its secrets."""
+    """The bound application for ``serve.run``: the config without its secrets.
+
+    A token seen here makes it required in every replica: a replica that cannot resolve it
+    (an environment variable missing on one node) fails to start rather than serve anonymously.
+    """
+    if resolve(cfg).token:
+        cfg = cfg.model_copy(update={"auth_required": True})
     return QueryDeployment.options(  # type: ignore[attr-defined]
         num_replicas=cfg.replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
@@ -62,6 +80,12 @@ def app_builder(args: dict[str, Any]) -> Any:
         raise ConfigError(
             "serve application args must not hold the token (they are stored and shown by Serve); "
             f"set {TOKEN_ENV} in the replicas' environment or token_file"
+        )
+    keys = sorted(k for k in ("access_key_id", "secret_access_key") if (args.get("s3") or {}).get(k))
+    if keys:
+        raise ConfigError(
+            f"serve application args must not hold S3 keys ({', '.join(keys)}): they are stored and shown by "
+            "Serve; give the replicas AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in their environment"
         )
     try:
         cfg = ServiceConfig.model_validate(args)

@@ -91,6 +91,11 @@ class ServiceConfig(Frozen):
     allow_anonymous: bool = Field(
         default=False, description="serve /v1 without a token on a non-loopback address (off: refuse to start)"
     )
+    auth_required: bool = Field(
+        default=False,
+        description="a replica that finds no token refuses to start instead of serving anonymously; set by the "
+        "builder whenever it saw a token",
+    )
     max_upload_bytes: int = Field(default=64 << 20, ge=1024)
     pixel_budget: int = Field(default=50_000_000, ge=1, description="most pixels an upload may declare")
     max_k: int = Field(default=1000, ge=1)

@@ -2,8 +2,9 @@
 
 :class:`RequestGuard` is the outermost ASGI layer of the app. In order, for each HTTP request:
 
-1. **Auth first.** With a token configured, a ``/v1`` request without the right bearer token
-   gets 401 at once: its body is never read, spooled or parsed.
+1. **Auth first.** With a token configured, a request for anything but the page, health,
+   metrics and the API description (:data:`PUBLIC`) without the right bearer token gets 401
+   at once: its body is never read, spooled or parsed.
 2. **Size.** A declared ``Content-Length`` over the limit gets 413 at once; a chunked body
    that grows past it gets 413 as soon as it does (not the parser's 400).
 3. **Deadlines.** Each piece of the body must arrive within ``body_idle_s``, and after
@@ -79,6 +80,22 @@ async def _send_problem(send: Any, status: int, detail: str, headers: dict[str, 
     await send({"type": "http.response.body", "body": body})
 
 
+#: what anyone may fetch: the page, health, metrics and the API's description; everything else needs the token
+PUBLIC = frozenset({"/", "/healthz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def _route(scope: Any) -> str:
+    """The path the app routes on: under a Serve ``route_prefix`` the ASGI path carries ``root_path`` first.
+
+    >>> _route({"path": "/medret/v1/search", "root_path": "/medret"}), _route({"path": "/v1/tables"})
+    ('/v1/search', '/v1/tables')
+    """
+    path, root = str(scope.get("path", "")), str(scope.get("root_path", "")).rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        path = path[len(root) :]
+    return path or "/"
+
+
 class RequestGuard:
     """ASGI middleware: auth, body size and body deadlines, before the app sees the body."""
 
@@ -89,7 +106,7 @@ class RequestGuard:
         self.too_big = f"request body is over the upload limit of {cfg.max_upload_bytes} bytes"
 
     def _authorised(self, scope: Any) -> bool:
-        if self.token is None or not str(scope.get("path", "")).startswith("/v1"):
+        if self.token is None or _route(scope) in PUBLIC:
             return True
         headers = dict(scope.get("headers") or [])
         scheme, _, given = headers.get(b"authorization", b"").partition(b" ")

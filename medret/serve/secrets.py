@@ -37,7 +37,11 @@ def _read(path: str, what: str) -> str:
 
 
 def resolve(cfg: ServiceConfig, env: dict[str, str] | None = None) -> ServiceConfig:
-    """``cfg`` with its token and S3 keys filled in from the environment and the secret files."""
+    """``cfg`` with its token and S3 keys filled in from the secret files and the environment.
+
+    The token is the first found of: the config's ``token``, its ``secrets_file``, its
+    ``token_file``, then ``MEDRET_TOKEN``, then ``MEDRET_TOKEN_FILE``.
+    """
     env = dict(os.environ if env is None else env)
     update: dict[str, Any] = {}
     secrets: dict[str, Any] = {}
@@ -46,10 +50,14 @@ def resolve(cfg: ServiceConfig, env: dict[str, str] | None = None) -> ServiceCon
             secrets = json.loads(_read(cfg.secrets_file, "secrets_file") or "{}")
         except ValueError as err:
             raise ConfigError(f"secrets_file {cfg.secrets_file!r} is not JSON") from err
-    token = cfg.token or env.get(TOKEN_ENV) or secrets.get("token")
-    token_file = cfg.token_file or env.get(TOKEN_FILE_ENV)
-    if not token and token_file:
-        token = _read(token_file, "token_file")
+    # the config's own names first: an inherited MEDRET_TOKEN never overrides a file the config names
+    token = cfg.token or secrets.get("token")
+    if not token and cfg.token_file:
+        token = _read(cfg.token_file, "token_file")
+    if not token:
+        token = env.get(TOKEN_ENV)
+    if not token and env.get(TOKEN_FILE_ENV):
+        token = _read(env[TOKEN_FILE_ENV], TOKEN_FILE_ENV)
     if token:
         update["token"] = token
     s3 = {k: v for k, v in secrets.get("s3", {}).items() if v and not getattr(cfg.s3, k)}

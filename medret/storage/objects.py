@@ -12,6 +12,7 @@ b'hi'
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -23,7 +24,14 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from medret.config import S3Config
-from medret.errors import ObjectNotFoundError, StorageAuthError, StorageError, StorageUnavailableError
+from medret.errors import (
+    UNAVAILABLE_ERRNO,
+    ConfigError,
+    ObjectNotFoundError,
+    StorageAuthError,
+    StorageError,
+    StorageUnavailableError,
+)
 from medret.storage.uri import StorageURI, parse_uri
 
 T = TypeVar("T")
@@ -53,7 +61,6 @@ _UNAVAILABLE_CODES = {
     "429",
 }
 #: errno values of a local path whose storage (a network mount, a failing disk) is failing
-_UNAVAILABLE_ERRNO = {5, 107, 110, 112, 113, 116, 121}  # EIO ENOTCONN ETIMEDOUT EHOSTDOWN EHOSTUNREACH ESTALE EREMOTEIO
 
 
 @dataclass(frozen=True)
@@ -149,22 +156,40 @@ class LocalStore(ObjectStore):
         return ObjectInfo(str(p), key, st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}")
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        if not self._base.exists():
-            return
+        """Every file under the root, sorted by key.
+
+        A root that is not there is an error, never an empty listing (an incremental run would
+        take it for every object deleted); a folder that cannot be read is one too, never skipped.
+        """
+        if not self._base.is_dir():
+            what = "is not a folder" if self._base.exists() else "does not exist"
+            raise ConfigError(f"source folder {str(self._base)!r} {what} (a share not mounted, or a typo?)")
         stack = [self._base]
-        found: list[tuple[str, Path]] = []
+        found: list[tuple[str, ObjectInfo]] = []
         while stack:
             d = stack.pop()
-            with os.scandir(d) as it:
-                for entry in it:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(Path(entry.path))
-                    elif entry.is_file():
-                        key = Path(entry.path).relative_to(self._base).as_posix()
-                        if key.startswith(prefix):
-                            found.append((key, Path(entry.path)))
-        for _, p in sorted(found):
-            yield self._info(p, p.stat())
+            try:
+                with os.scandir(d) as it:
+                    for entry in it:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(Path(entry.path))
+                        elif entry.is_file():
+                            key = Path(entry.path).relative_to(self._base).as_posix()
+                            if key.startswith(prefix):
+                                with contextlib.suppress(FileNotFoundError):  # deleted while listed
+                                    found.append((key, self._info(Path(entry.path), entry.stat())))
+            except PermissionError as err:
+                raise StorageAuthError(f"cannot list {d}: {err.strerror or err}; fix its permissions") from err
+            except FileNotFoundError:
+                if d == self._base:
+                    raise
+            except OSError as err:
+                mapped = _local_error(err, d)
+                if mapped is err:
+                    raise
+                raise mapped from err
+        for _, info in sorted(found, key=lambda kv: kv[0]):
+            yield info
 
     def info(self, key: str) -> ObjectInfo:
         p = self._path(key)
@@ -172,6 +197,8 @@ class LocalStore(ObjectStore):
             return self._info(p, p.stat())
         except FileNotFoundError as err:
             raise ObjectNotFoundError(f"no such file: {p}") from err
+        except OSError as err:
+            raise _local_error(err, p) from err
 
     def read_bytes(self, key: str) -> bytes:
         p = self._path(key)
@@ -219,7 +246,7 @@ class LocalStore(ObjectStore):
 
 def _local_error(err: OSError, path: Path) -> OSError:
     """A failing mount or disk is the storage's fault; anything else (permissions...) stays as it is."""
-    if err.errno in _UNAVAILABLE_ERRNO:
+    if err.errno in UNAVAILABLE_ERRNO:
         return StorageUnavailableError(f"reading {path}: {err.strerror or err} (errno {err.errno})")
     return err
 
