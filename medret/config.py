@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from medret.errors import ConfigError
 
@@ -55,11 +55,35 @@ class S3Config(Frozen):
         return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+class DicomWebConfig(Frozen):
+    """How to reach a DICOMweb server (a PACS) given as ``dicomweb+http(s)://host/prefix``.
+
+    Credentials come from the environment (``MEDRET_DICOMWEB_USER`` / ``MEDRET_DICOMWEB_PASSWORD``
+    for HTTP basic auth, ``MEDRET_DICOMWEB_TOKEN`` for a bearer token) or from these fields; the
+    secrets are never written out with the config, nor put in a URI, a log line or the manifest.
+    """
+
+    user: str | None = None
+    password: SecretStr | None = Field(default=None, exclude=True, description="or MEDRET_DICOMWEB_PASSWORD")
+    token: SecretStr | None = Field(default=None, exclude=True, description="or MEDRET_DICOMWEB_TOKEN")
+    verify_tls: bool = Field(default=True, description="check the server's certificate (https)")
+    ca_bundle: str | None = Field(default=None, description="CA certificates to check it against (a PEM file)")
+    timeout_s: float = Field(default=60.0, gt=0, description="connect and read timeout per request")
+    page_size: int = Field(default=500, ge=1, le=10000, description="QIDO-RS results per page (limit)")
+
+
 class IndexConfig(Frozen):
     """Where a code table lives: a local folder or an ``s3://bucket/prefix`` URI."""
 
     uri: str = "medret-out/index"
     table: str = Field(default="codes", pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+
+    @field_validator("uri")
+    @classmethod
+    def _a_store_that_holds_tables(cls, v: str) -> str:
+        if v.lower().startswith("dicomweb"):
+            raise ValueError("a DICOMweb server is a source, not a place for code tables; use a folder or s3://")
+        return v
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

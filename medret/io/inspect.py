@@ -21,18 +21,23 @@ from medret.io.detect import HEAD_BYTES, detect_kind, resolve_tiff
 
 @contextlib.contextmanager
 def fetched(uri: str, s3: S3Config | None = None) -> Iterator[Path]:
-    """A local path for ``uri``: the file itself, or an ``s3://`` object downloaded to a temp file."""
-    if not uri.startswith("s3://"):
+    """A local path for ``uri``: the file itself, or an ``s3://`` object or a DICOMweb instance
+    (``dicomweb+https://host/prefix/studies/{uid}/series/{uid}/instances/{uid}``) downloaded to a temp file."""
+    if not uri.startswith(("s3://", "dicomweb+")):
         yield Path(uri)
         return
     from medret.storage.objects import open_store
-    from medret.storage.uri import parse_uri
+    from medret.storage.uri import StorageURI, parse_uri
 
     parsed = parse_uri(uri)
-    parent, _, key = parsed.path.rpartition("/")
-    store = open_store(f"s3://{parsed.bucket}/{parent}" if parent else f"s3://{parsed.bucket}", s3)
+    if parsed.is_dicomweb:
+        store, key, name = open_store(StorageURI("dicomweb", parsed.bucket, "")), parsed.path, "instance.dcm"
+    else:
+        parent, _, key = parsed.path.rpartition("/")
+        store = open_store(f"s3://{parsed.bucket}/{parent}" if parent else f"s3://{parsed.bucket}", s3)
+        name = PurePosixPath(key).name
     with tempfile.TemporaryDirectory(prefix="medret-inspect-") as tmp:
-        local = Path(tmp) / PurePosixPath(key).name
+        local = Path(tmp) / name
         local.write_bytes(store.read_bytes(key))
         yield local
 

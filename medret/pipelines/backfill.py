@@ -45,6 +45,7 @@ from medret.errors import (
     JobStoppedError,
     MedretError,
     QuarantineStormError,
+    StorageAuthError,
     StorageUnavailableError,
     StoreUnreachableError,
 )
@@ -416,7 +417,7 @@ def run_index(cfg: IndexJobConfig) -> Summary:
     with np.load(ckpt_path, allow_pickle=False) as z:
         encoder = EncoderConfig.from_json(bytes(z["config"]))
     recipes = recipes_for(cfg, encoder)
-    store = RetryingStore(open_store(cfg.source, cfg.s3), budget_s=cfg.storage_retry_s)
+    store = RetryingStore(open_store(cfg.source, cfg.s3, dicomweb=cfg.dicomweb), budget_s=cfg.storage_retry_s)
     summary = Summary(
         source=cfg.source,
         index={"uri": cfg.index.uri, "table": cfg.index.table},
@@ -555,6 +556,12 @@ def _finish(cfg: IndexJobConfig, index: CodeIndex, summary: Summary) -> None:
 
 def _unreachable(cfg: IndexJobConfig, store: ObjectStore, err: BaseException, summary: Summary) -> str:
     which = f"the index storage {cfg.index.uri}" if isinstance(err, IndexStoreError) else f"the source {store.name}"
+    if isinstance(err, StorageAuthError):
+        return (
+            f"stopped: {which} refused medret's credentials: {err}. Nothing was lost and nothing was quarantined "
+            f"for it: {summary.indexed} object(s) were indexed and committed before the stop. Fix the credentials "
+            "and run the same command again."
+        )
     return (
         f"stopped: {which} is unreachable, retried for storage_retry_s={cfg.storage_retry_s:g} s: {err}. "
         f"Nothing was lost and nothing was quarantined for it: {summary.indexed} object(s) were indexed and "

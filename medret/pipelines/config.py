@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from medret.config import Frozen, IndexConfig, S3Config
+from medret.config import DicomWebConfig, Frozen, IndexConfig, S3Config
 
 KINDS = ("auto", "dicom", "dicom-series", "raster", "nifti", "wsi", "medmnist", "sidecar", "skip")
 Kind = Literal["auto", "dicom", "dicom-series", "raster", "nifti", "wsi", "medmnist", "sidecar", "skip"]
@@ -91,9 +91,12 @@ class Resources(Frozen):
 class IndexJobConfig(Frozen):
     """``medret index`` / ``jobs/backfill.py`` / ``jobs/incremental.py``."""
 
-    source: str = Field(description="s3://bucket/prefix or a local folder")
+    source: str = Field(
+        description="s3://bucket/prefix, a local folder, or a DICOMweb server: dicomweb+https://host/prefix[?filters]"
+    )
     index: IndexConfig = IndexConfig()
     s3: S3Config = S3Config()
+    dicomweb: DicomWebConfig = DicomWebConfig()
     encoder: str = Field(default="default", description="'default' (shipped), an encoder.npz or a training folder")
     incremental: bool = Field(default=False, description="also remove items of objects deleted from the source")
     force: bool = Field(default=False, description="re-index objects the manifest already holds at the same etag")

@@ -98,6 +98,8 @@ def list_source(store: ObjectStore, routes: Sequence[Route]) -> tuple[list[Sourc
     series: dict[str, list[tuple[str, str, int]]] = {}
     for info in store.list():
         kind = route(info.key, routes)
+        if kind == "auto" and store.default_kind:
+            kind = store.default_kind
         if kind == "sidecar":
             sidecars.append(info.key)
         elif kind == "dicom-series":

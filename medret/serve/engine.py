@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, field_validator
 
-from medret.config import Frozen, S3Config
+from medret.config import DicomWebConfig, Frozen, S3Config
 from medret.errors import (
     ConfigError,
     DataError,
@@ -60,6 +60,9 @@ class ServiceConfig(Frozen):
     index: str = Field(default="medret-out/index", description="index URI: local folder or s3://bucket/prefix")
     table: str | None = Field(default=None, description="default table (else the only or first one)")
     s3: S3Config = S3Config()
+    dicomweb: DicomWebConfig = Field(
+        default=DicomWebConfig(), description="how to read items back from a DICOMweb source (credentials: env)"
+    )
     checkpoint: str | None = Field(
         default=None, description="encoder checkpoint to use when the one the table names is not reachable here"
     )
@@ -462,7 +465,7 @@ class QueryEngine:
     def _norm_root(uri: str) -> str:
         from medret.storage.uri import parse_uri
 
-        return str(parse_uri(uri)).rstrip("/") + "/"
+        return str(parse_uri(uri).without_query()).rstrip("/") + "/"
 
     def _store_for(self, idx: CodeIndex, source_uri: str) -> tuple[Any, str]:
         """The object store and key for an item's source, refusing anything outside the roots."""
@@ -477,7 +480,7 @@ class QueryEngine:
             raise Forbidden(f"item source {source_uri[:200]!r} is not a plain path")
         for root in self.roots(idx):
             if target.startswith(root):
-                return open_store(root, self.cfg.s3), target[len(root) :]
+                return open_store(root, self.cfg.s3, dicomweb=self.cfg.dicomweb), target[len(root) :]
         raise Forbidden(
             f"item source {source_uri[:200]!r} is outside the roots this service may read "
             f"({', '.join(self.roots(idx)) or 'none recorded'}); set roots to allow it"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from medret.config import S3Config
+from medret.config import DicomWebConfig, S3Config
 from medret.errors import (
     UNAVAILABLE_ERRNO,
     ConfigError,
@@ -115,6 +115,9 @@ class ObjectStore(ABC):
     def local_path(self, key: str) -> Path | None:
         """The object as a local file, when the store is a folder (no download needed); else None."""
         return None
+
+    #: the kind of every object whose key no route claims (a DICOMweb server holds only DICOM), else None
+    default_kind: str | None = None
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn``, a few calls on this store that belong together (a whole download, say).
@@ -456,11 +459,22 @@ class S3Store(ObjectStore):
             self._call(f"creating bucket {self.root.bucket}", self.client.create_bucket, Bucket=self.root.bucket)
 
 
-def open_store(uri: str | StorageURI, s3: S3Config | None = None, *, page_size: int = 1000) -> ObjectStore:
-    """The store for ``uri``: :class:`S3Store` for ``s3://``, :class:`LocalStore` otherwise."""
+def open_store(
+    uri: str | StorageURI,
+    s3: S3Config | None = None,
+    *,
+    page_size: int = 1000,
+    dicomweb: DicomWebConfig | None = None,
+) -> ObjectStore:
+    """The store for ``uri``: :class:`S3Store` for ``s3://``, a DICOMweb server for
+    ``dicomweb+http(s)://``, :class:`LocalStore` otherwise."""
     parsed = parse_uri(uri) if isinstance(uri, str) else uri
     if parsed.is_s3:
         return S3Store(parsed, s3, page_size=page_size)
+    if parsed.is_dicomweb:
+        from medret.storage.dicomweb import DicomWebStore
+
+        return DicomWebStore(parsed, dicomweb)
     return LocalStore(parsed)
 
 

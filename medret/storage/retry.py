@@ -76,6 +76,7 @@ class RetryingStore(ObjectStore):
 
     def __init__(self, inner: ObjectStore, *, budget_s: float) -> None:
         self.inner, self.budget_s, self.root = inner, budget_s, inner.root
+        self.default_kind = inner.default_kind
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` (a few store calls that belong together, e.g. a whole download) under the budget."""
