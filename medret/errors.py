@@ -81,7 +81,7 @@ def fault_of(err: BaseException) -> str:
     >>> fault_of(StorageUnavailableError("s3://b/k: connection refused")), fault_of(ValueError("bad"))
     ('infra', 'object')
     """
-    if isinstance(err, InfrastructureError) or _failing_mount(err) or _failing_mount(err.__cause__):
+    if isinstance(err, InfrastructureError) or any(_failing_mount(e) for e in _chain(err)):
         return "infra"
     if isinstance(err, ObjectNotFoundError):
         return "gone"
@@ -90,6 +90,16 @@ def fault_of(err: BaseException) -> str:
 
 #: errnos of a failing disk or network mount: EIO ENOTCONN ETIMEDOUT EHOSTDOWN EHOSTUNREACH ESTALE EREMOTEIO
 UNAVAILABLE_ERRNO = frozenset({5, 107, 110, 112, 113, 116, 121})
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and every exception it was raised from or while handling, each once."""
+    seen: list[BaseException] = []
+    at: BaseException | None = err
+    while at is not None and not any(at is s for s in seen) and len(seen) < 32:
+        seen.append(at)
+        at = at.__cause__ or at.__context__
+    return seen
 
 
 def _failing_mount(err: BaseException | None) -> bool:

@@ -50,10 +50,15 @@ while True:
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[dict[str, Any]]:
+def small_index(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Any]:
     from test_serve_guard import index as build_index
 
-    index = build_index.__wrapped__(data_dir, tmp_path_factory)  # type: ignore[attr-defined]
+    return dict(build_index.__wrapped__(data_dir, tmp_path_factory))  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def deployed(small_index: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    index = small_index
     port = free_port()
     args = {
         "index": index["index"],
@@ -90,6 +95,86 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterat
     finally:
         import signal
 
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+# -- deploy/serve.yaml as written, through Serve's controller (what `serve deploy` and KubeRay do) ------
+_CONFIG_SERVER = r"""
+import json, sys, time
+import ray
+from ray import serve
+from ray.serve.context import _get_global_client
+from ray.serve.schema import ServeDeploySchema
+config = ServeDeploySchema.model_validate(json.loads(sys.argv[1]))
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+serve.start(http_options=json.loads(sys.argv[1])["http_options"])
+client = _get_global_client()
+client.deploy_apps(config)
+deadline = time.monotonic() + 300
+while True:
+    app = serve.status().applications.get("medret")
+    state = str(getattr(app, "status", ""))
+    if state.endswith("RUNNING"):
+        break
+    if state.endswith(("DEPLOY_FAILED", "UNHEALTHY")) or time.monotonic() > deadline:
+        print("FAILED", state, getattr(app, "message", ""), flush=True)
+        sys.exit(1)
+    time.sleep(1)
+print("READY " + json.dumps(client.get_serve_details(), default=str), flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def test_the_serve_config_deploys_as_written_through_the_controller(small_index: dict[str, Any]) -> None:
+    """deploy/serve.yaml with only the index, the address and the replicas' CPUs changed (this machine
+    has 2): Serve applies its autoscaling bounds, both minimum replicas come up and answer with auth.
+    (First in the module, before ``deployed`` starts another Ray.)"""
+    import signal
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml").read_text())
+    port = free_port()
+    config["http_options"].update(host="127.0.0.1", port=port)
+    (app,) = config["applications"]
+    app["args"]["index"] = small_index["index"]
+    (dep,) = app["deployments"]
+    dep["ray_actor_options"]["num_cpus"] = 0.25
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"MEDRET_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CONFIG_SERVER, json.dumps(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(("READY ", "FAILED")):
+                break
+        assert lines and lines[-1].startswith("READY "), "".join(lines)[-3000:]
+        details = json.loads(lines[-1][len("READY ") :])
+        deployment = details["applications"]["medret"]["deployments"]["medret-query"]
+        scaling = deployment["deployment_config"]["autoscaling_config"]
+        assert (scaling["min_replicas"], scaling["max_replicas"]) == (2, 8)
+        assert scaling["target_ongoing_requests"] == dep["autoscaling_config"]["target_ongoing_requests"]
+        running = [r for r in deployment["replicas"] if str(r["state"]).endswith("RUNNING")]
+        assert len(running) == 2, deployment["replicas"]
+        url = f"http://127.0.0.1:{port}/"
+        assert requests.get(url + "healthz", timeout=30).json() == {"status": "ok", "auth": True}
+        assert requests.get(url + "v1/tables", timeout=30).status_code == 401
+        r = requests.get(url + "v1/tables", headers=AUTH, timeout=30)
+        assert r.status_code == 200 and r.json()[0]["rows"] == 40
+    finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
@@ -231,82 +316,3 @@ def test_mri_uploads_run_in_their_own_bounded_pool(deployed: dict[str, Any], dat
     assert answer.status_code == 200 and answer.json()["results"][0]["distance"] == 0
     assert volume.status_code == 200 and volume.json()["query"]["kind"] == "nifti"
     assert done["png"] < done["mri1"]  # the PNG did not wait behind the registration
-
-
-# -- deploy/serve.yaml as written, through Serve's controller (what `serve deploy` and KubeRay do) ------
-_CONFIG_SERVER = r"""
-import json, sys, time
-import ray
-from ray import serve
-from ray.serve.context import _get_global_client
-from ray.serve.schema import ServeDeploySchema
-config = ServeDeploySchema.model_validate(json.loads(sys.argv[1]))
-ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-serve.start(http_options=json.loads(sys.argv[1])["http_options"])
-client = _get_global_client()
-client.deploy_apps(config)
-deadline = time.monotonic() + 300
-while True:
-    app = serve.status().applications.get("medret")
-    state = str(getattr(app, "status", ""))
-    if state.endswith("RUNNING"):
-        break
-    if state.endswith(("DEPLOY_FAILED", "UNHEALTHY")) or time.monotonic() > deadline:
-        print("FAILED", state, getattr(app, "message", ""), flush=True)
-        sys.exit(1)
-    time.sleep(1)
-print("READY " + json.dumps(client.get_serve_details(), default=str), flush=True)
-while True:
-    time.sleep(3600)
-"""
-
-
-def test_the_serve_config_deploys_as_written_through_the_controller(deployed: dict[str, Any], tmp_path: Path) -> None:
-    """deploy/serve.yaml with only the index, the address and the replicas' CPUs changed (this machine
-    has 2): Serve applies its autoscaling bounds, both minimum replicas come up and answer with auth."""
-    import signal
-
-    import yaml
-
-    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml").read_text())
-    port = free_port()
-    config["http_options"].update(host="127.0.0.1", port=port)
-    (app,) = config["applications"]
-    app["args"]["index"] = deployed["index"]
-    (dep,) = app["deployments"]
-    dep["ray_actor_options"]["num_cpus"] = 0.25
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"MEDRET_TOKEN": TOKEN}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _CONFIG_SERVER, json.dumps(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        lines: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith(("READY ", "FAILED")):
-                break
-        assert lines and lines[-1].startswith("READY "), "".join(lines)[-3000:]
-        details = json.loads(lines[-1][len("READY ") :])
-        deployment = details["applications"]["medret"]["deployments"]["medret-query"]
-        scaling = deployment["deployment_config"]["autoscaling_config"]
-        assert (scaling["min_replicas"], scaling["max_replicas"]) == (2, 8)
-        assert scaling["target_ongoing_requests"] == dep["autoscaling_config"]["target_ongoing_requests"]
-        running = [r for r in deployment["replicas"] if str(r["state"]).endswith("RUNNING")]
-        assert len(running) == 2, deployment["replicas"]
-        url = f"http://127.0.0.1:{port}/"
-        assert requests.get(url + "healthz", timeout=30).json() == {"status": "ok", "auth": True}
-        assert requests.get(url + "v1/tables", timeout=30).status_code == 401
-        r = requests.get(url + "v1/tables", headers=AUTH, timeout=30)
-        assert r.status_code == 200 and r.json()[0]["rows"] == 40
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)

@@ -428,3 +428,22 @@ def test_an_unmounted_source_folder_deletes_nothing(pngs: list[bytes], tmp_path:
     (tmp_path / "away").rename(src)  # mounted again: nothing to do
     again = run_index(cfg)
     assert (again.indexed, again.deleted, again.unchanged) == (0, 0, 4)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_folder_gone_from_the_source_is_not_deleted_wholesale(pngs: list[bytes], tmp_path: Path) -> None:
+    """One sub-share not mounted: most of the index would go; the run stops and says where."""
+    src = tmp_path / "share"
+    for i in range(6):
+        (src / ("mri" if i < 4 else "cxr")).mkdir(parents=True, exist_ok=True)
+        (src / ("mri" if i < 4 else "cxr") / f"{i}.png").write_bytes(pngs[i])
+    index = str(tmp_path / "index")
+    cfg = IndexJobConfig(
+        source=str(src), index={"uri": index}, out=str(tmp_path / "o"), progress=False, incremental=True
+    )
+    assert run_index(cfg).indexed == 6
+    (src / "mri").rename(tmp_path / "mri-away")
+    with pytest.raises(JobStoppedError, match=r"no longer lists 4 of the 6 .*max_delete_share=0.5.*under: mri") as e:
+        run_index(cfg)
+    assert e.value.exit_code == 75 and CodeIndex.open(index).count() == 6
+    assert run_index(cfg.model_copy(update={"max_delete_share": 1.0})).deleted == 4  # they really were deleted

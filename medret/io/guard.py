@@ -121,11 +121,19 @@ def codestream_size(frame: bytes, label: str = "frame") -> Codestream | None:
     return None
 
 
+#: stray bytes tolerated between JPEG header segments (libjpeg skips them with a warning)
+MAX_STRAY = 1024
+
+
 def _sof(frame: bytes, label: str) -> Codestream:
     i, n = 2, len(frame)
     while i + 2 <= n:
         if frame[i] != 0xFF:
-            raise CorruptFileError(label, f"JPEG codestream has a stray byte at offset {i} in its header")
+            skip = frame.find(b"\xff", i, i + MAX_STRAY + 1)
+            if skip < 0:
+                raise CorruptFileError(label, f"JPEG codestream has more than {MAX_STRAY} stray bytes at offset {i}")
+            i = skip
+            continue
         marker = frame[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -194,7 +202,13 @@ def check_codestreams(
         if size is None:
             continue
         width, height = size.width, size.height
-        if width * height * max(samples, size.components) > budget:
+        if size.components > max(samples, 1):
+            raise PixelBudgetError(
+                label,
+                f"frame {n}'s codestream declares {size.components} components, more than the header's "
+                f"{samples} samples per pixel; refusing to decode",
+            )
+        if width * height * samples > budget:
             raise PixelBudgetError(
                 label,
                 f"frame {n}'s codestream declares {width}x{height} pixels, above the pixel budget of {budget:,}; "

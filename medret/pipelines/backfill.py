@@ -24,6 +24,7 @@ import contextlib
 import functools
 import json
 import logging
+import posixpath
 import sys
 import time
 from collections import defaultdict
@@ -502,12 +503,23 @@ def _plan(
     if cfg.incremental and not cfg.only:
         root = store.uri_of("").rstrip("/") + "/"
         gone = sorted(u for u, e in known.items() if e.status != "deleted" and u not in listed and u.startswith(root))
+        held = sum(1 for u, e in known.items() if e.status != "deleted" and u.startswith(root))
         if gone and not objects:
             raise JobStoppedError(
                 f"stopped: the source {cfg.source} lists no objects, yet the index holds {len(gone)} from it; "
                 "refusing to remove them all as deleted (a share not mounted, a wrong prefix, or credentials "
                 "that see an empty bucket?). Nothing was changed. If the source really is empty now, remove the "
                 "table instead.",
+                summary,
+            )
+        if len(gone) > 1 and len(gone) > cfg.max_delete_share * held:
+            folders = sorted({posixpath.dirname(u[len(root) :]) or "." for u in gone})
+            raise JobStoppedError(
+                f"stopped: the source {cfg.source} no longer lists {len(gone)} of the {held} objects indexed from "
+                f"it ({len(gone) / held:.0%}), more than max_delete_share={cfg.max_delete_share:g}; refusing to "
+                f"remove them (a folder not mounted, a wrong prefix or filter?). Missing under: "
+                f"{', '.join(folders[:5])}{' ...' if len(folders) > 5 else ''}. Nothing was changed. If they really "
+                "were deleted, run again with max_delete_share=1.",
                 summary,
             )
         if gone:

@@ -132,6 +132,13 @@ class IndexJobConfig(Frozen):
     quarantine_check_min: int = Field(
         default=100, ge=1, description="... judged once this many objects of the run are decided (indexed or bad)"
     )
+    max_delete_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="an incremental run that would remove more than this share of the source's indexed objects "
+        "stops instead, changing nothing (a folder not mounted, a wrong prefix or filter); 1 allows any",
+    )
     commit_rows: int = Field(default=20_000, ge=1, description="commit once this many finished items are buffered")
     commit_seconds: float = Field(default=30.0, gt=0, description="... or once this long has passed")
     compact: bool = Field(

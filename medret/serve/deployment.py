@@ -81,7 +81,9 @@ def app_builder(args: dict[str, Any]) -> Any:
             "serve application args must not hold the token (they are stored and shown by Serve); "
             f"set {TOKEN_ENV} in the replicas' environment or token_file"
         )
-    keys = sorted(k for k in ("access_key_id", "secret_access_key") if (args.get("s3") or {}).get(k))
+    given = args.get("s3")
+    s3: dict[str, Any] = given if isinstance(given, dict) else {}
+    keys = sorted(k for k in ("access_key_id", "secret_access_key") if s3.get(k))
     if keys:
         raise ConfigError(
             f"serve application args must not hold S3 keys ({', '.join(keys)}): they are stored and shown by "

@@ -16,6 +16,7 @@ import contextlib
 import io
 import os
 import shutil
+import stat
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -164,9 +165,19 @@ class LocalStore(ObjectStore):
         A root that is not there is an error, never an empty listing (an incremental run would
         take it for every object deleted); a folder that cannot be read is one too, never skipped.
         """
-        if not self._base.is_dir():
-            what = "is not a folder" if self._base.exists() else "does not exist"
-            raise ConfigError(f"source folder {str(self._base)!r} {what} (a share not mounted, or a typo?)")
+        try:
+            is_dir = stat.S_ISDIR(self._base.stat().st_mode)
+        except FileNotFoundError:
+            raise ConfigError(
+                f"source folder {str(self._base)!r} does not exist (a share not mounted, or a typo?)"
+            ) from None
+        except OSError as err:  # a stale or cut network mount at the root itself
+            mapped = _local_error(err, self._base)
+            if mapped is err:
+                raise
+            raise mapped from err
+        if not is_dir:
+            raise ConfigError(f"source folder {str(self._base)!r} is not a folder")
         stack = [self._base]
         found: list[tuple[str, ObjectInfo]] = []
         while stack:
