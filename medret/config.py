@@ -70,6 +70,10 @@ class DicomWebConfig(Frozen):
     ca_bundle: str | None = Field(default=None, description="CA certificates to check it against (a PEM file)")
     timeout_s: float = Field(default=60.0, gt=0, description="connect and read timeout per request")
     page_size: int = Field(default=500, ge=1, le=10000, description="QIDO-RS results per page (limit)")
+    skip_non_images: bool = Field(
+        default=True, description="leave SR, presentation states, RT plans/structures, documents out of the listing"
+    )
+    max_instance_bytes: int = Field(default=2 << 30, ge=1 << 20, description="largest instance retrieved (WADO-RS)")
 
 
 class IndexConfig(Frozen):

@@ -75,12 +75,15 @@ class QuarantineStormError(JobStoppedError):
 
 
 def fault_of(err: BaseException) -> str:
-    """Whose fault ``err`` is: ``"infra"`` (retry, never quarantine), ``"gone"`` (the object vanished
+    """Whose fault ``err`` is: ``"infra"`` (retry, never quarantine), ``"auth"`` (credentials refused:
+    stop, never quarantine), ``"gone"`` (the object vanished
     after it was listed: the next run sees it deleted) or ``"object"`` (quarantine with the reason).
 
     >>> fault_of(StorageUnavailableError("s3://b/k: connection refused")), fault_of(ValueError("bad"))
     ('infra', 'object')
     """
+    if isinstance(err, StorageAuthError):
+        return "auth"
     if isinstance(err, InfrastructureError) or any(_failing_mount(e) for e in _chain(err)):
         return "infra"
     if isinstance(err, ObjectNotFoundError):

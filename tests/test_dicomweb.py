@@ -15,7 +15,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pydicom
 import pytest
@@ -89,7 +88,8 @@ def uid_of(path: Path) -> str:
 @pytest.fixture(scope="module")
 def backfilled(pacs: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("dicomweb-index")
-    cfg = job(pacs["server"], root / "index", root / "o", incremental=True)
+    # non-image objects listed too (they are left out by default): each is then quarantined with its reason
+    cfg = job(pacs["server"], root / "index", root / "o", incremental=True, dicomweb={"skip_non_images": False})
     return {"cfg": cfg, "summary": run_index(cfg), "index": str(root / "index")}
 
 
@@ -136,9 +136,12 @@ def test_an_upload_finds_its_instance_at_distance_0_and_the_thumbnail_comes_by_w
     assert top["distance"] == 0 and top["item_id"].endswith("/instances/" + uid_of(radiograph))
     thumb = api.get(top["thumbnail_url"])
     assert thumb.status_code == 200 and thumb.content[:8] == b"\x89PNG\r\n\x1a\n"
-    # an item outside the recorded source is refused, not fetched
-    other = "dicomweb+http://127.0.0.1:1/dicom-web/studies/1/series/2/instances/3"
-    assert api.get(f"/v1/items/{quote(other, safe='')}/thumbnail").status_code in (403, 404)
+    # a service whose roots leave the PACS out refuses to fetch from it
+    fenced = TestClient(
+        create_app(Service(ServiceConfig(index=backfilled["index"], roots=["dicomweb+http://127.0.0.1:1/"])))
+    )
+    r = fenced.get(top["thumbnail_url"])
+    assert r.status_code == 403 and "outside the roots" in r.json()["detail"]
 
 
 def test_a_second_run_indexes_nothing(backfilled: dict[str, Any], tmp_path: Path) -> None:
@@ -310,3 +313,95 @@ def test_tls_is_verified_by_default(tmp_path: Path) -> None:
         assert list(DicomWebStore(root, DicomWebConfig(timeout_s=5, ca_bundle=str(cert))).list()) == []
     finally:
         httpd.shutdown()
+
+
+def test_listing_pages_through_qido_and_a_series_route_makes_volumes(pacs: dict[str, Any]) -> None:
+    from medret.config import DicomWebConfig
+    from medret.pipelines.config import DEFAULT_ROUTES, Route
+    from medret.pipelines.sources import list_source
+    from medret.storage.dicomweb import DicomWebStore
+    from medret.storage.uri import parse_uri
+
+    server = pacs["server"]
+    root = parse_uri(f"dicomweb+{server.dicomweb}")
+    cfg = {"user": server.user, "password": server.password}
+    whole = list(DicomWebStore(root, DicomWebConfig(**cfg)).list())
+    paged = DicomWebStore(root, DicomWebConfig(**cfg, page_size=2))
+    assert list(paged.list()) == whole and len(whole) > 4  # pages of 2 series, and of 2 instances
+    series = {i.key.rsplit("/instances/", 1)[0] for i in whole}
+    objects, _ = list_source(paged, [Route(pattern="studies/*", kind="dicom-series"), *DEFAULT_ROUTES])
+    assert sorted(o.key for o in objects) == sorted(f"{s}/instances/" for s in series)
+    assert all(o.kind == "dicom-series" and o.members for o in objects)
+    # a filter narrows the listing on the server
+    mr = DicomWebStore(parse_uri(f"dicomweb+{server.dicomweb}?Modality=MR"), DicomWebConfig(**cfg))
+    assert 0 < len(list(mr.list())) < len(whole)
+
+
+def test_a_bearer_token_is_sent_and_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DICOMweb endpoint behind a bearer token (as cloud PACSs are): the token from the environment."""
+    import http.server
+    import threading
+
+    from medret.errors import StorageAuthError
+    from medret.storage.dicomweb import DicomWebStore
+    from medret.storage.uri import parse_uri
+
+    seen: list[str] = []
+
+    class Guarded(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            ok = self.headers.get("Authorization") == "Bearer tok-123"
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Guarded)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        root = parse_uri(f"dicomweb+http://127.0.0.1:{httpd.server_address[1]}/dicom-web")
+        monkeypatch.setenv("MEDRET_DICOMWEB_TOKEN", "wrong")
+        with pytest.raises(StorageAuthError, match="HTTP 401") as caught:
+            list(DicomWebStore(root).list())
+        assert "wrong" not in str(caught.value)
+        monkeypatch.setenv("MEDRET_DICOMWEB_TOKEN", "tok-123")
+        assert list(DicomWebStore(root).list()) == [] and seen[-1] == "Bearer tok-123"
+    finally:
+        httpd.shutdown()
+
+
+def test_non_images_are_left_out_and_a_scoped_source_reads_back(pacs: dict[str, Any], data_dir: Path) -> None:
+    from medret.config import DicomWebConfig
+    from medret.storage.dicomweb import DicomWebStore
+    from medret.storage.uri import parse_uri
+
+    server = pacs["server"]
+    cfg = DicomWebConfig(user=server.user, password=server.password)
+    listed = {i.key.rsplit("/", 1)[1] for i in DicomWebStore(parse_uri(f"dicomweb+{server.dicomweb}"), cfg).list()}
+    assert uid_of(PYDICOM_FILES / "rtstruct.dcm") not in listed and uid_of(PYDICOM_FILES / "MR_small.dcm") in listed
+    radiograph = sorted((data_dir / "cxr").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(radiograph, stop_before_pixels=True)
+    study = DicomWebStore(parse_uri(f"dicomweb+{server.dicomweb}/studies/{ds.StudyInstanceUID}"), cfg)
+    (inst,) = list(study.list())
+    assert study.read_bytes(inst.key) == radiograph.read_bytes()
+    # keys relative to the scoped root (as the service's roots hand them over) read the same instance
+    relative = inst.key.split("/", 2)[2]
+    assert relative.startswith("series/") and study.read_bytes(relative) == radiograph.read_bytes()
+    with pytest.raises(Exception, match="not DICOM UIDs"):
+        study.read_bytes("series/1/instances/..%2F..%2Fsystem")
+
+
+def test_a_filtered_incremental_run_deletes_nothing_outside_its_filter(
+    backfilled: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = backfilled["cfg"]
+    narrowed = cfg.model_copy(update={"source": cfg.source + "?Modality=MR", "out": str(tmp_path)})
+    before = CodeIndex.open(backfilled["index"]).count()
+    s = run_index(narrowed)
+    assert s.deleted == 0 and 0 < s.objects_seen < before
+    assert CodeIndex.open(backfilled["index"]).count() == before

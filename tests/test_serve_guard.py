@@ -251,8 +251,12 @@ def test_the_token_never_travels_in_the_deployments_arguments() -> None:
 
     with pytest.raises(ConfigError, match="must not hold the token"):
         app_builder({"token": "x"})
-    with pytest.raises(ConfigError, match="must not hold S3 keys"):
+    with pytest.raises(ConfigError, match="must not hold secrets .secret_access_key"):
         app_builder({"s3": {"secret_access_key": "SK"}, "allow_anonymous": True})
+    with pytest.raises(ConfigError, match="must not hold secrets .dicomweb.password"):
+        app_builder({"dicomweb": {"user": "u", "password": "pw"}, "allow_anonymous": True})
+    with pytest.raises(ConfigError, match="must not hold secrets"):
+        app_builder({"s3": "not a mapping", "dicomweb": {"token": "t"}, "allow_anonymous": True})
     import os
 
     saved = {k: os.environ.pop(k) for k in ("MEDRET_TOKEN", "MEDRET_TOKEN_FILE") if k in os.environ}

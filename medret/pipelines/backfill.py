@@ -60,6 +60,7 @@ from medret.pipelines.stages import Encode, StageContext, expand, load
 from medret.runtime import ensure_ray
 from medret.storage.objects import ObjectStore
 from medret.storage.retry import RetryingStore, open_store
+from medret.storage.uri import parse_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -214,8 +215,8 @@ class _Commits:
 
     @property
     def infra_fault(self) -> tuple[str, str] | None:
-        """``(where, reason)`` of the run's first storage fault, where is "infra" (the source) or "index"."""
-        return next(((f, r) for f, r in self.unreadable.values() if f in ("infra", "index")), None)
+        """``(where, reason)`` of the run's first storage fault: "infra" or "auth" (the source), or "index"."""
+        return next(((f, r) for f, r in self.unreadable.values() if f in ("infra", "auth", "index")), None)
 
     def _left_out(self, uri: str) -> None:
         fault, _ = self.unreadable[uri]
@@ -502,8 +503,16 @@ def _plan(
     )
     if cfg.incremental and not cfg.only:
         root = store.uri_of("").rstrip("/") + "/"
-        gone = sorted(u for u, e in known.items() if e.status != "deleted" and u not in listed and u.startswith(root))
-        held = sum(1 for u, e in known.items() if e.status != "deleted" and u.startswith(root))
+        # a DICOMweb source narrowed by a path or filters lists part of its server: only what this
+        # same source indexed can have been deleted from it
+        narrowed = parse_uri(cfg.source)
+        scoped = narrowed.is_dicomweb and bool(narrowed.path or narrowed.query)
+
+        def ours(u: str, e: Entry) -> bool:
+            return e.status != "deleted" and u.startswith(root) and (not scoped or e.source == cfg.source)
+
+        gone = sorted(u for u, e in known.items() if ours(u, e) and u not in listed)
+        held = sum(1 for u, e in known.items() if ours(u, e))
         if gone and not objects:
             raise JobStoppedError(
                 f"stopped: the source {cfg.source} lists no objects, yet the index holds {len(gone)} from it; "
@@ -626,7 +635,8 @@ def _run_pipeline(
     if fault:  # a run cut short decides no share: its held quarantines wait for the next run
         summary.retry_later += len(commits.held)
         commits.held = []
-        raise (IndexStoreError if fault[0] == "index" else StorageUnavailableError)(fault[1])
+        kind = {"index": IndexStoreError, "auth": StorageAuthError}.get(fault[0], StorageUnavailableError)
+        raise kind(fault[1])
     commits.release_quarantines(final=True)
     leftover = len(commits.object_units) + len(commits.unit_rows)
     if commits.ready and commits.unreadable:  # objects sharing fragments with one that vanished mid-read

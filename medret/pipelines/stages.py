@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 #: index columns an item may set from its metadata (the rest of the metadata goes to ``extra``)
 READ_AHEAD = 8  # whole-object GETs in flight per read task
 META_COLUMNS = ("modality", "dataset", "label", "study_uid", "series_uid", "instance_uid")
-#: ``fault`` says whose fault ``error`` is (:func:`medret.errors.fault_of`): "object", "infra" or "gone"
+#: ``fault`` says whose fault ``error`` is (:func:`medret.errors.fault_of`): "object", "infra", "auth" or "gone"
 STRING_COLUMNS = ("item_id", "uri", "etag", "kind", "unit_id", "error", "fault", *META_COLUMNS, "slide_id", "extra")
 
 

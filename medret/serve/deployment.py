@@ -81,13 +81,16 @@ def app_builder(args: dict[str, Any]) -> Any:
             "serve application args must not hold the token (they are stored and shown by Serve); "
             f"set {TOKEN_ENV} in the replicas' environment or token_file"
         )
-    given = args.get("s3")
+    given, pacs = args.get("s3"), args.get("dicomweb")
     s3: dict[str, Any] = given if isinstance(given, dict) else {}
+    dicomweb: dict[str, Any] = pacs if isinstance(pacs, dict) else {}
     keys = sorted(k for k in ("access_key_id", "secret_access_key") if s3.get(k))
+    keys += sorted(f"dicomweb.{k}" for k in ("password", "token") if dicomweb.get(k))
     if keys:
         raise ConfigError(
-            f"serve application args must not hold S3 keys ({', '.join(keys)}): they are stored and shown by "
-            "Serve; give the replicas AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in their environment"
+            f"serve application args must not hold secrets ({', '.join(keys)}): they are stored and shown by "
+            "Serve; give the replicas AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and MEDRET_DICOMWEB_PASSWORD / "
+            "MEDRET_DICOMWEB_TOKEN in their environment"
         )
     try:
         cfg = ServiceConfig.model_validate(args)
