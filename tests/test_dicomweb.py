@@ -7,6 +7,7 @@ lists them with QIDO-RS and retrieves them with WADO-RS.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -50,6 +51,37 @@ PYDICOM_OBJECTS = (
 def corpus(data_dir: Path) -> list[Path]:
     files = sorted((data_dir / "cxr").glob("*.dcm")) + sorted((data_dir / "dicom").glob("*.dcm"))
     return files + [PYDICOM_FILES / n for n in PYDICOM_OBJECTS if (PYDICOM_FILES / n).exists()]
+
+
+@contextlib.contextmanager
+def qido_server(*, token: str | None = None, tls: Any = None) -> Iterator[tuple[int, list[str]]]:
+    """A loopback HTTP(S) endpoint answering every QIDO-RS search with no results; with ``token``,
+    401 unless the request carries it as a bearer token. Yields its port and the Authorization headers seen."""
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class Qido(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            self.send_response(200 if token is None or seen[-1] == f"Bearer {token}" else 401)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd.server_address[1], seen
+    finally:
+        httpd.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -270,9 +302,7 @@ def test_the_pacs_stopped_mid_run_is_an_unreachable_store(tmp_path: Path, data_d
 
 def test_tls_is_verified_by_default(tmp_path: Path) -> None:
     """A real TLS server with a self-signed certificate: refused unless its CA is given."""
-    import http.server
     import ssl
-    import threading
 
     from medret.config import DicomWebConfig
     from medret.errors import StorageAuthError
@@ -290,29 +320,13 @@ def test_tls_is_verified_by_default(tmp_path: Path) -> None:
     if made.returncode != 0:
         pytest.skip("openssl cannot make a test certificate here")
 
-    class Empty(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # QIDO-RS: no series
-            self.send_response(200)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"[]")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Empty)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(cert, key)
-    httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        root = parse_uri(f"dicomweb+https://127.0.0.1:{httpd.server_address[1]}/dicom-web")
+    with qido_server(tls=tls) as (port, _):
+        root = parse_uri(f"dicomweb+https://127.0.0.1:{port}/dicom-web")
         with pytest.raises(StorageAuthError, match="not trusted .certificate verify failed.*dicomweb.ca_bundle"):
             list(DicomWebStore(root, DicomWebConfig(timeout_s=5)).list())
         assert list(DicomWebStore(root, DicomWebConfig(timeout_s=5, ca_bundle=str(cert))).list()) == []
-    finally:
-        httpd.shutdown()
 
 
 def test_listing_pages_through_qido_and_a_series_route_makes_volumes(pacs: dict[str, Any]) -> None:
@@ -339,40 +353,18 @@ def test_listing_pages_through_qido_and_a_series_route_makes_volumes(pacs: dict[
 
 def test_a_bearer_token_is_sent_and_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     """A DICOMweb endpoint behind a bearer token (as cloud PACSs are): the token from the environment."""
-    import http.server
-    import threading
-
     from medret.errors import StorageAuthError
     from medret.storage.dicomweb import DicomWebStore
     from medret.storage.uri import parse_uri
 
-    seen: list[str] = []
-
-    class Guarded(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(self.headers.get("Authorization", ""))
-            ok = self.headers.get("Authorization") == "Bearer tok-123"
-            self.send_response(200 if ok else 401)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"[]")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Guarded)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        root = parse_uri(f"dicomweb+http://127.0.0.1:{httpd.server_address[1]}/dicom-web")
+    with qido_server(token="tok-123") as (port, seen):
+        root = parse_uri(f"dicomweb+http://127.0.0.1:{port}/dicom-web")
         monkeypatch.setenv("MEDRET_DICOMWEB_TOKEN", "wrong")
         with pytest.raises(StorageAuthError, match="HTTP 401") as caught:
             list(DicomWebStore(root).list())
         assert "wrong" not in str(caught.value)
         monkeypatch.setenv("MEDRET_DICOMWEB_TOKEN", "tok-123")
         assert list(DicomWebStore(root).list()) == [] and seen[-1] == "Bearer tok-123"
-    finally:
-        httpd.shutdown()
 
 
 def test_non_images_are_left_out_and_a_scoped_source_reads_back(pacs: dict[str, Any], data_dir: Path) -> None:

@@ -49,6 +49,17 @@ while True:
 """
 
 
+def stop_group(proc: subprocess.Popen[str]) -> None:
+    """End a server started in its own session, and every process it started."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def small_index(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Any]:
     from test_serve_guard import index as build_index
@@ -93,13 +104,7 @@ def deployed(small_index: dict[str, Any]) -> Iterator[dict[str, Any]]:
     try:
         yield {**index, "url": f"http://127.0.0.1:{port}/", "port": port}
     finally:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
 
 
 # -- deploy/serve.yaml as written, through Serve's controller (what `serve deploy` and KubeRay do) ------
@@ -134,7 +139,6 @@ def test_the_serve_config_deploys_as_written_through_the_controller(small_index:
     """deploy/serve.yaml with only the index, the address and the replicas' CPUs changed (this machine
     has 2): Serve applies its autoscaling bounds, both minimum replicas come up and answer with auth.
     (First in the module, before ``deployed`` starts another Ray.)"""
-    import signal
 
     import yaml
 
@@ -175,11 +179,7 @@ def test_the_serve_config_deploys_as_written_through_the_controller(small_index:
         r = requests.get(url + "v1/tables", headers=AUTH, timeout=30)
         assert r.status_code == 200 and r.json()[0]["rows"] == 40
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
 
 
 def test_the_token_from_the_environment_is_enforced(deployed: dict[str, Any]) -> None:
