@@ -125,7 +125,7 @@ def main() -> None:
 
     import ray
 
-    from medret.eval.benchmarks import data_root
+    from medret.config import data_root
     from medret.pipelines.backfill import run_index
     from medret.pipelines.config import IndexJobConfig
 

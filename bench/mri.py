@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from medret.eval.benchmarks import data_root
+from medret.config import data_root
 from medret.io.volume import read_nifti
 from medret.preprocess.mri.recipe import load_template, preprocess_brain
 

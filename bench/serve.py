@@ -146,7 +146,7 @@ async def load(url: str, mode: str, concurrency: int, seconds: float, pngs: list
         "p50_ms": float(np.percentile(ms, 50)),
         "p99_ms": float(np.percentile(ms, 99)),
         "mean_ms": float(ms.mean()),
-        "decode_ms": mean("decode") + mean("preprocess"),
+        "decode_ms": mean("prepare"),
         "encode_ms": mean("encode"),
         "search_ms": mean("search"),
         "overhead_ms": float(ms.mean()) - total,
@@ -182,8 +182,8 @@ def main() -> None:
 
     import ray
 
-    from medret.cli.serve import start, stop
-    from medret.serve.engine import ServiceConfig
+    from medret.serve.config import ServiceConfig
+    from medret.serve.deployment import start, stop
     from medret.storage.s3local import free_port
 
     tmp = tempfile.mkdtemp(prefix="medret-bench-serve-")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from medret.eval.benchmarks import data_root
+from medret.config import data_root
 from medret.io.wsi import open_slide
 from medret.preprocess.wsi.tiling import iter_tiles, tile_grid
 

@@ -18,6 +18,19 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from medret.errors import ConfigError
 
+
+def data_root() -> Path:
+    """``$MEDRET_DATA`` or ``../shared/data`` beside the repository (or the working directory)."""
+    env = os.environ.get("MEDRET_DATA")
+    if env:
+        return Path(env)
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        cand = base.parent / "shared" / "data"
+        if cand.is_dir():
+            return cand
+    return Path.cwd().parent / "shared" / "data"
+
+
 ENV_PREFIX = "MEDRET_"
 M = TypeVar("M", bound=BaseModel)
 

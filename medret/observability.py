@@ -11,6 +11,11 @@ SEARCH_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 INDEX_SIZE = Gauge("medret_index_rows", "Rows in the loaded snapshot of an index table.", ["table"])
+ENCODER_LOADED = Gauge(
+    "medret_query_encoder_loaded",
+    "1 for each encoder this query process has loaded (at warm-up or first use).",
+    ["encoder_id"],
+)
 INDEX_ROWS_WRITTEN = Counter("medret_index_rows_written_total", "Rows upserted into an index table.", ["table"])
 
 # -- indexing jobs (recorded by the driver from what the stages report with each row) --

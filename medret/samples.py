@@ -91,7 +91,7 @@ def _has_medmnist(folder: Path) -> bool:
 
 def find_data(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     """The data folder to use, or None when none holds the medmnist-4 files (then: :func:`fetch`)."""
-    from medret.eval.benchmarks import data_root
+    from medret.config import data_root
 
     if explicit is not None:
         folder = Path(explicit).expanduser()

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from medret.config import S3Config
-from medret.eval.benchmarks import data_root
-from medret.storage.objects import S3Store
+from medret.config import S3Config, data_root
+from medret.storage.s3 import S3Store
 from medret.storage.s3local import SeaweedS3
 from medret.storage.uri import parse_uri
 
@@ -55,3 +54,17 @@ def ray_local() -> Iterator[None]:
     ray.init(address="local", num_cpus=2)
     yield
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests run only where CUDA is (a GPU machine: ``pytest -m gpu``); elsewhere they are skipped."""
+    if not any("gpu" in item.keywords for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on a GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

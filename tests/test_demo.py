@@ -15,10 +15,11 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from medret.demo import first_per_organ, post_search
 from medret.eval.benchmarks import medmnist4
-from medret.pipelines.demo import first_per_organ, post_search
 from medret.storage.s3local import free_port
 
 PER_ORGAN = 60
@@ -29,6 +30,7 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.slow
 def test_demo_runs_everything_serves_the_page_and_stops_cleanly_on_ctrl_c(tmp_path: Path, data_dir: Path) -> None:
     port = free_port()
     out = tmp_path / "out"

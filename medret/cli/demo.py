@@ -9,22 +9,22 @@ import sys
 import time
 from typing import Any
 
+from medret.cli.options import add_index, add_json, add_out, add_s3, add_table
+
 METRICS = ("mAP@10", "mAP@100", "mAP@1000", "P@10", "nDCG@10", "nDCG@100", "mAP@100 (organ)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with DemoConfig fields (medret/pipelines/demo.py)")
+    parser.add_argument("--config", help="YAML file with DemoConfig fields (medret.demo.py)")
     parser.add_argument(
         "--data",
         help="data folder (medmnist/*.npz; dicom/, cxr/, wsi/, mri/ used when present); "
         "default: $MEDRET_DATA, ../shared/data, else the public samples are downloaded",
     )
-    parser.add_argument("--index", help="index URI, a folder or s3://bucket/prefix (default: s3://BUCKET/index)")
-    parser.add_argument(
-        "--s3-endpoint", help="use this S3-compatible server (credentials from AWS_*) instead of starting SeaweedFS"
-    )
+    add_index(parser, shown="s3://BUCKET/index")
+    add_s3(parser, note="the demo uses this server instead of starting SeaweedFS")
     parser.add_argument("--bucket", help="bucket for the archive, checkpoints and index (default: medret-demo)")
-    parser.add_argument("--table", help="code table name (default: demo)")
+    add_table(parser, shown="demo")
     parser.add_argument(
         "--no-train", dest="train", action="store_false", default=None, help="index with the shipped encoder"
     )
@@ -36,11 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use-gpu", action="store_true", default=None, help="train on a GPU")
     parser.add_argument("--host", help="query service host (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="query service port (default: 8000)")
-    parser.add_argument("--out", help="output folder (default: medret-out/demo)")
+    add_out(parser, "everything the demo writes", shown="medret-out/demo")
     parser.add_argument(
         "--no-wait", dest="wait", action="store_false", default=None, help="stop everything after the report"
     )
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON (progress goes to stderr)")
+    add_json(parser, "the summary", note="progress goes to stderr")
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -76,8 +76,8 @@ def report(summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from medret.config import load_config
-    from medret.pipelines.demo import Demo, DemoConfig
-    from medret.pipelines.demo import run as run_demo
+    from medret.demo import Demo, DemoConfig
+    from medret.demo import run as run_demo
 
     cfg = load_config(
         DemoConfig,

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medret.storage.objects import S3Store
+    from medret.storage.s3 import S3Store
     from medret.storage.s3local import SeaweedS3
     from medret.storage.uri import parse_uri
 

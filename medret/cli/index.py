@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from medret.cli.options import add_index, add_json, add_out, add_s3, add_table
 from medret.config import parse_sets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with IndexJobConfig fields")
     parser.add_argument("--source", help="s3://bucket/prefix or a local folder to index")
-    parser.add_argument("--index", help="index location: local folder or s3://bucket/prefix (default medret-out/index)")
-    parser.add_argument("--table", help="code table name (default: codes)")
+    add_index(parser)
+    add_table(parser)
     parser.add_argument("--checkpoint", help="encoder: 'default' (shipped), an encoder.npz or a training folder")
     parser.add_argument(
         "--incremental", action="store_true", default=None, help="also remove items of objects deleted from the source"
@@ -26,17 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PATTERN=KIND",
         help="read keys matching the glob PATTERN as KIND (checked before the built-in routes), e.g. "
-        "'mri/*.dcm=dicom-series' to read each folder's slice files as one series; kinds: "
-        "dicom, dicom-series, raster, nifti, wsi, medmnist, sidecar, skip, auto",
+        "'mri/*.dcm=dicom-series' to read each folder's slice files as one series (`medret kinds` lists the kinds)",
     )
     parser.add_argument("--on-error", choices=["quarantine", "skip", "fail"], help="what bad objects do to the job")
-    parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// sources and indexes")
+    add_s3(parser)
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port while running")
-    parser.add_argument("--out", help="local folder for the summary, metrics.prom and the resolved config")
+    add_out(parser, "the summary, metrics.prom and the resolved config")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any IndexJobConfig field, e.g. tiling.mpp=1.0"
     )
-    parser.add_argument("--json", action="store_true", help="end with a JSON summary (and no progress lines)")
+    add_json(parser, "only the summary", note="progress stays on stderr")
 
 
 def config_from(args: argparse.Namespace, **extra: object) -> object:
@@ -54,7 +54,7 @@ def config_from(args: argparse.Namespace, **extra: object) -> object:
         "s3.endpoint_url": args.s3_endpoint,
         "metrics_port": args.metrics_port,
         "out": args.out,
-        "progress": False if args.json else None,
+        "progress": None,  # progress goes to stderr, with --json too: stdout carries only the summary
         **parse_sets(args.set),
         **extra,
     }

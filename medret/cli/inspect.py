@@ -7,14 +7,16 @@ import json
 import sys
 from typing import Any
 
+from medret.cli.options import add_json, add_s3
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH_OR_URI", help="local file or s3://bucket/key")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per file")
+    add_json(parser, "one object per file")
     parser.add_argument("--preprocess", action="store_true", help="MRI: run the brain recipe and report its timings")
     parser.add_argument("--mpp", type=float, default=None, help="slides: microns per pixel when the file has none")
     parser.add_argument("--pixel-budget", type=int, default=None, help="refuse images declaring more pixels")
-    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL for s3:// paths")
+    add_s3(parser)
 
 
 def _print_text(info: dict[str, Any]) -> None:
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from medret.config import S3Config
     from medret.errors import MedretError
     from medret.io.base import DEFAULT_PIXEL_BUDGET
-    from medret.io.inspect import fetched, inspect_file
+    from medret.kinds.inspect import fetched, inspect_file
 
     s3 = S3Config(endpoint_url=args.s3_endpoint) if args.s3_endpoint else None
     failed = 0

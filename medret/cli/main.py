@@ -15,6 +15,7 @@ from medret.errors import JobStoppedError, MedretError
 # command -> (module, one-line help). Modules expose add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("medret.cli.inspect", "decode any supported file and show what medret sees in it"),
+    "kinds": ("medret.cli.kinds", "list the kinds of file medret reads (built in and from plugins)"),
     "train": ("medret.cli.train", "train a hashing encoder with Ray Train (DDP) and export the best epoch"),
     "evaluate": ("medret.cli.evaluate", "score encoders on medmnist-4 or your own .npz files; tables, JSON, plots"),
     "index": ("medret.cli.index", "index a folder or S3 prefix into a code table (backfill or incremental)"),

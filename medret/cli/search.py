@@ -7,29 +7,37 @@ import json
 import time
 from pathlib import Path
 
+from medret.cli.options import DEFAULT_INDEX, add_index, add_json, add_s3, add_table
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", default="medret-out/index", help="index URI: local folder or s3://bucket/prefix")
-    parser.add_argument("--table", help="code table (default: the only or first one)")
+    add_index(parser, default=DEFAULT_INDEX)
+    add_table(parser, shown="the only or first one")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="query image: PNG/JPEG, DICOM, NIfTI or a slide tile")
     what.add_argument("--item", help="an indexed item id: find the items similar to it")
     parser.add_argument("--k", type=int, default=10, help="number of results (default 10)")
-    parser.add_argument("--kind", default="auto", help="auto, image, dicom, nifti or tile (default auto)")
+    parser.add_argument(
+        "--kind",
+        default="auto",
+        help="what to read --image as: auto (from its content), or a kind's upload mode "
+        "(image, dicom, nifti, tile, and those of plugin kinds; `medret kinds` lists them)",
+    )
     parser.add_argument("--slice", type=int, help="NIfTI level or DICOM frame to query with (0-based)")
     parser.add_argument("--mpp", type=float, help="microns per pixel of a --kind tile image")
     parser.add_argument(
         "--filter", action="append", default=[], metavar="COLUMN=VALUE", help="metadata filter (repeatable)"
     )
     parser.add_argument("--checkpoint", help="encoder checkpoint, if the one the table names is not reachable")
-    parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// indexes")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_s3(parser)
+    add_json(parser, "the results")
 
 
 def run(args: argparse.Namespace) -> int:
     from medret.config import load_config
     from medret.errors import ConfigError, ObjectNotFoundError
-    from medret.serve.engine import QueryEngine, ServiceConfig
+    from medret.serve.config import ServiceConfig
+    from medret.serve.engine import QueryEngine
 
     cfg = load_config(
         ServiceConfig,

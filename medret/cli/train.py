@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from medret.cli.options import add_json, add_s3
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with TrainConfig fields")
@@ -22,11 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="run name; rerun with the same name and storage to resume")
     parser.add_argument("--storage", help="checkpoint storage: local folder or s3://bucket/prefix")
     parser.add_argument("--output", help="local folder for encoder.npz, history and the resolved config")
-    parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// storage")
+    add_s3(parser)
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field, e.g. hyper.quant=0.2"
     )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json(parser, "the result")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from medret.config import data_root
 from medret.errors import DataError
 from medret.io.medmnist import read_medmnist, to_grey
 
@@ -26,18 +27,6 @@ MEDMNIST4 = (
     ("abdomen", "organamnist"),
 )
 PARTS = ("train", "val", "gallery", "query")
-
-
-def data_root() -> Path:
-    """``$MEDRET_DATA`` or ``../shared/data`` beside the repository (or the working directory)."""
-    env = os.environ.get("MEDRET_DATA")
-    if env:
-        return Path(env)
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        cand = base.parent / "shared" / "data"
-        if cand.is_dir():
-            return cand
-    return Path.cwd().parent / "shared" / "data"
 
 
 def split_indices(labels: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.int64]]:

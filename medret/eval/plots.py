@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,30 @@ def plot_montage(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def write_plots(out: Path, split: RetrievalSplit, results: list[dict[str, Any]]) -> None:
+    """``pr.png``, ``map_at_k.png``, a montage per result and ``curves.json`` in ``out``.
+
+    Each result is one of :func:`medret.eval.compare.compare_encoders`, with its ``codes`` and ``label``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    g, q = split["gallery"], split["query"]
+
+    def relevant(rows: Any) -> Any:
+        return (g.organ[None, :] == q.organ[rows, None]) & (g.label[None, :] == q.label[rows, None])
+
+    pr, curves = {}, {}
+    queries = montage_queries(split)
+    for r in results:
+        c = r["codes"]
+        pr[r["label"]] = pr_by_radius(c["query"], c["gallery"], relevant, r["bits"])
+        curves[r["label"]] = map_curve(c["ranked"], split)
+        plot_montage(split, c["ranked"], queries, out / f"montage-{r['label']}.png", f"{r['label']}: query, then top 9")
+    plot_pr(pr, out / "pr.png")
+    plot_map_at_k(curves, out / "map_at_k.png")
+    (out / "curves.json").write_text(
+        json.dumps(
+            {k: {"map_at_k": curves[k], "precision": pr[k][0].tolist(), "recall": pr[k][1].tolist()} for k in pr}
+        )
+    )

@@ -19,7 +19,8 @@ from typing import Any
 import pyarrow as pa
 
 from medret.config import S3Config
-from medret.index.store import connect, quote
+from medret.index.filters import quote
+from medret.index.store import connect
 
 STATUSES = ("indexed", "quarantined", "deleted")
 

@@ -1,7 +1,5 @@
-"""Readers: bytes -> pixel arrays + metadata. They decode; they never normalise.
+"""Readers: bytes or a path -> pixel arrays + metadata. They decode; they never normalise.
 
-Importing this package registers every reader in :data:`medret.io.base.READERS`
-(heavy decoders are imported inside the readers, on first use).
+Which reader a file needs, and what the job does with it, is the business of :mod:`medret.kinds`.
+Heavy decoders are imported inside the readers, on first use.
 """
-
-from medret.io import dicom, raster, volume, wsi  # noqa: F401  (registers the readers)

@@ -1,4 +1,4 @@
-"""What every reader returns, how sources are given, and the reader registry.
+"""What every reader returns and how sources are given (which reader a file needs: :mod:`medret.kinds`).
 
 A reader takes a *source* (a local path, or the object's bytes plus a name for
 messages) and returns a :class:`Decoded` image: pixels exactly as stored after
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ import numpy as np
 import numpy.typing as npt
 
 from medret.errors import EmptyFileError, ObjectNotFoundError, PixelBudgetError
-from medret.registry import Registry
 
 #: Refuse to decode images that declare more pixels than this (decompression bombs).
 DEFAULT_PIXEL_BUDGET = 400_000_000
@@ -112,7 +111,3 @@ def check_budget(label: str, pixels: int, budget: int, what: str) -> None:
         raise PixelBudgetError(
             label, f"declares {what} = {pixels:,} pixels, above the pixel budget of {budget:,}; refusing to decode"
         )
-
-
-Reader = Callable[..., Any]
-READERS: Registry[Any] = Registry("reader")

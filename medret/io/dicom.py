@@ -26,7 +26,6 @@ import numpy as np
 from medret.errors import CorruptFileError, MedretError, NotAnImageError, TruncatedFileError
 from medret.io.base import (
     DEFAULT_PIXEL_BUDGET,
-    READERS,
     Decoded,
     Display,
     Source,
@@ -310,6 +309,3 @@ def read_dicom(
         display=display,
         meta=safe_metadata(ds, salt=salt),
     )
-
-
-READERS.register("dicom")(read_dicom)

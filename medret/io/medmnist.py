@@ -5,6 +5,7 @@ Images are (N, H, W) grey or (N, H, W, 3) RGB uint8; labels (N,) or (N, 1).
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from medret.errors import DataError
+from medret.errors import DataError, EmptyFileError
 
 SPLITS = ("train", "val", "test")
 
@@ -32,12 +33,15 @@ class MedMNIST:
         return self.images.ndim == 4
 
 
-def read_medmnist(path: str | os.PathLike[str]) -> MedMNIST:
-    p = Path(path)
-    if not p.is_file():
+def read_medmnist(src: str | os.PathLike[str] | bytes, *, name: str | None = None) -> MedMNIST:
+    """A MedMNIST set from a path or from the file's bytes (named ``name`` in messages)."""
+    p = Path(name or ("<bytes>" if isinstance(src, bytes) else src))
+    if not isinstance(src, bytes) and not Path(src).is_file():
         raise DataError(f"{p}: no such MedMNIST file")
+    if isinstance(src, bytes) and not src:
+        raise EmptyFileError(str(p), "file is empty (0 bytes)")
     try:
-        with np.load(p, allow_pickle=False) as z:
+        with np.load(io.BytesIO(src) if isinstance(src, bytes) else src, allow_pickle=False) as z:
             missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in z.files]
             if missing:
                 raise DataError(f"{p}: not a MedMNIST .npz, missing arrays {missing} (has {z.files})")

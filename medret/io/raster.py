@@ -11,7 +11,6 @@ import numpy as np
 from medret.errors import CorruptFileError, PixelBudgetError, TruncatedFileError
 from medret.io.base import (
     DEFAULT_PIXEL_BUDGET,
-    READERS,
     Decoded,
     Display,
     Source,
@@ -94,6 +93,3 @@ def read_raster(src: Source, *, name: str | None = None, pixel_budget: int = DEF
         display=Display(photometric=photometric, bits_stored=bits),
         meta=meta,
     )
-
-
-READERS.register("raster")(read_raster)

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from medret.errors import CorruptFileError, DataError, NotAnImageError, TruncatedFileError
-from medret.io.base import DEFAULT_PIXEL_BUDGET, READERS, Source, check_budget, read_source, source_name
+from medret.io.base import DEFAULT_PIXEL_BUDGET, Source, check_budget, read_source, source_name
 from medret.io.dicom import check_pixels, parse_dicom, safe_metadata
 from medret.io.guard import inflate
 
@@ -245,10 +245,6 @@ def read_dicom_series(
     """One volume per SeriesInstanceUID among the given ``(name, bytes)`` files."""
     groups = group_series(sources, pixel_budget=pixel_budget)
     return [volume_from_series(group, pixel_budget=pixel_budget) for group in groups.values()]
-
-
-READERS.register("nifti")(read_nifti)
-READERS.register("dicom-series")(read_dicom_series)
 
 
 def dicom_series(

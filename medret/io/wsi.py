@@ -28,7 +28,7 @@ from medret.errors import (
     ObjectNotFoundError,
     UnsupportedFormatError,
 )
-from medret.io.base import DEFAULT_PIXEL_BUDGET, READERS, check_budget
+from medret.io.base import DEFAULT_PIXEL_BUDGET, check_budget
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,3 @@ def open_slide(
         slide.mpp = (float(mx), float(my))
     log.debug("opened %s with %s: %s levels", p, slide.backend, slide.level_count)
     return slide
-
-
-READERS.register("wsi")(open_slide)

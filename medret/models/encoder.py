@@ -80,16 +80,32 @@ class Encoder(Protocol):
 ENCODERS: Registry[Encoder] = Registry("encoder")
 
 
-def load_encoder(path: str | os.PathLike[str]) -> Encoder:
-    """Load a checkpoint written by an encoder's ``save``; its config names the factory."""
+def config_in(z: Any, label: object) -> EncoderConfig:
+    """The :class:`EncoderConfig` inside an open checkpoint archive (``np.load`` of an ``encoder.npz``)."""
+    try:
+        return EncoderConfig.from_json(bytes(z["config"]))
+    except (KeyError, ValueError) as err:
+        raise DataError(f"{label}: not a medret encoder checkpoint (no valid config): {err}") from err
+
+
+def checkpoint_config(path: str | os.PathLike[str]) -> EncoderConfig:
+    """The config of the encoder checkpoint at ``path``, without loading its weights."""
     import zipfile
 
     p = Path(path)
     try:
         with np.load(p, allow_pickle=False) as z:
-            config = EncoderConfig.from_json(bytes(z["config"]))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            return config_in(z, p)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        if isinstance(err, DataError):
+            raise
         raise DataError(f"{p}: not a medret encoder checkpoint: {err}") from err
+
+
+def load_encoder(path: str | os.PathLike[str]) -> Encoder:
+    """Load a checkpoint written by an encoder's ``save``; its config names the factory."""
+    p = Path(path)
+    config = checkpoint_config(p)
     if config.name not in ENCODERS and config.name in _LAZY:
         importlib.import_module(_LAZY[config.name])  # registers it (and imports torch only now)
     return ENCODERS.get(config.name)(path=p)

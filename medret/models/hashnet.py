@@ -27,7 +27,7 @@ from torch import nn
 from medret.errors import DataError
 from medret.models.backbones import create_backbone
 from medret.models.codes import pack_bits
-from medret.models.encoder import ENCODERS, EncoderConfig
+from medret.models.encoder import ENCODERS, EncoderConfig, config_in
 
 
 class HashNet(nn.Module):
@@ -173,7 +173,7 @@ class TorchHashEncoder:
     @staticmethod
     def _read(p: Path) -> tuple[EncoderConfig, HashNet]:
         with np.load(p, allow_pickle=False) as z:
-            config = EncoderConfig.from_json(bytes(z["config"]))
+            config = config_in(z, p)
             state = {k[len("state/") :]: torch.from_numpy(np.array(z[k])) for k in z.files if k.startswith("state/")}
         module = build_hashnet(config)
         try:

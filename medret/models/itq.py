@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from medret.errors import ConfigError, DataError
 from medret.models.codes import pack_bits
-from medret.models.encoder import ENCODERS, EncoderConfig
+from medret.models.encoder import ENCODERS, EncoderConfig, config_in
 
 
 def _digest(*arrays: npt.NDArray[Any]) -> str:
@@ -60,7 +60,7 @@ class PCAITQ:
     ) -> None:
         if path is not None:
             with np.load(Path(path), allow_pickle=False) as z:
-                config = EncoderConfig.from_json(bytes(z["config"]))
+                config = config_in(z, path)
                 mean, projection = z["mean"], z["projection"]
         if config is None or mean is None or projection is None:
             raise ValueError("PCAITQ needs (config, mean, projection) or path=")

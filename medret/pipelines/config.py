@@ -7,55 +7,37 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from medret.config import DicomWebConfig, Frozen, IndexConfig, S3Config
+from medret.preprocess.wsi.tiling import TilingConfig
 
-KINDS = ("auto", "dicom", "dicom-series", "raster", "nifti", "wsi", "medmnist", "sidecar", "skip")
-Kind = Literal["auto", "dicom", "dicom-series", "raster", "nifti", "wsi", "medmnist", "sidecar", "skip"]
+__all__ = ["IndexJobConfig", "Resources", "Route", "TilingConfig", "default_routes"]
 
 
 class Route(Frozen):
     """Objects whose key matches ``pattern`` (a glob over the key below the source) are read as ``kind``.
 
+    ``kind`` is any kind of :mod:`medret.kinds` a route may name (``medret kinds`` lists them), e.g.
     ``dicom-series``: the matching files of one folder are one object, read together as the
     volume(s) of their series (MRI/CT stored a slice per file); see :mod:`medret.pipelines.sources`.
     """
 
     pattern: str = Field(min_length=1)
-    kind: Kind
+    kind: str
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from medret import kinds
+
+        if v not in kinds.names():
+            raise ValueError(f"unknown kind {v!r}; known: {', '.join(kinds.names())}")
+        return v
 
 
-DEFAULT_ROUTES = (
-    Route(pattern="*.csv", kind="sidecar"),
-    Route(pattern="*.dcm", kind="dicom"),
-    Route(pattern="*.dicom", kind="dicom"),
-    Route(pattern="*.nii.gz", kind="nifti"),
-    Route(pattern="*.nii", kind="nifti"),
-    Route(pattern="*.svs", kind="wsi"),
-    Route(pattern="*.ndpi", kind="wsi"),
-    Route(pattern="*.qptiff", kind="wsi"),
-    Route(pattern="*.scn", kind="wsi"),
-    Route(pattern="*.mrxs", kind="wsi"),
-    Route(pattern="*.npz", kind="medmnist"),
-    Route(pattern="*.png", kind="raster"),
-    Route(pattern="*.jpg", kind="raster"),
-    Route(pattern="*.jpeg", kind="raster"),
-    Route(pattern="*.bmp", kind="raster"),
-)
+def default_routes() -> tuple[Route, ...]:
+    """The routes every job ends with: each registered kind's own key patterns."""
+    from medret import kinds
 
-
-#: preprocessing per kind of object (PNG/JPEG and npz use the encoder's own recipe)
-DEFAULT_RECIPES = {"dicom": "xray", "dicom-series": "mri-brain", "nifti": "mri-brain", "wsi": "wsi-tiles"}
-
-
-class TilingConfig(Frozen):
-    """How whole slides become tiles (read lazily, region by region)."""
-
-    tile_px: int = Field(default=224, ge=16, le=4096, description="tile side in pixels at `mpp`")
-    mpp: float = Field(default=0.5, gt=0, description="target microns per pixel of a tile")
-    min_tissue: float = Field(default=0.5, ge=0, le=1, description="minimum tissue fraction to keep a tile")
-    default_mpp: float | None = Field(
-        default=None, gt=0, description="pixel size to assume for slides that do not state one (else quarantined)"
-    )
-    tiles_per_unit: int = Field(default=64, ge=1, description="tiles read by one task")
+    return tuple(Route(pattern=p, kind=k) for p, k in kinds.default_routes())
 
 
 class Resources(Frozen):
@@ -103,7 +85,9 @@ class IndexJobConfig(Frozen):
     only: list[str] = Field(default_factory=list, description="index just these object URIs (quarantine retry)")
     routes: list[Route] = Field(default_factory=list, description="checked before the built-in routes")
     recipes: dict[str, str] = Field(
-        default_factory=dict, description="kind -> preprocessing recipe (default: dicom xray, raster/npz the encoder's)"
+        default_factory=dict,
+        description="kind -> preprocessing recipe (default: each kind's own, e.g. dicom xray, nifti mri-brain, "
+        "wsi wsi-tiles; raster and npz the encoder's)",
     )
     tiling: TilingConfig = TilingConfig()
     resources: Resources = Resources()
@@ -153,4 +137,4 @@ class IndexJobConfig(Frozen):
     progress: bool = True
 
     def all_routes(self) -> list[Route]:
-        return [*self.routes, *DEFAULT_ROUTES]
+        return [*self.routes, *default_routes()]

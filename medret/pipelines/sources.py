@@ -25,7 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from medret import kinds
 from medret.errors import DataError
+from medret.kinds import Listing
 from medret.pipelines.config import Route
 from medret.storage.objects import ObjectStore
 
@@ -42,17 +44,17 @@ class SourceObject:
 
 
 def route(key: str, routes: Sequence[Route]) -> str:
-    """The kind of the first route whose pattern matches the key (case-insensitive), else ``auto``.
+    """The kind of the first route whose pattern matches the key (case-insensitive), else the detecting one.
 
-    >>> from medret.pipelines.config import DEFAULT_ROUTES
-    >>> [route(k, DEFAULT_ROUTES) for k in ("studies/a/IM0001.DCM", "x/scan.nii.gz", "notes")]
+    >>> from medret.pipelines.config import default_routes
+    >>> [route(k, default_routes()) for k in ("studies/a/IM0001.DCM", "x/scan.nii.gz", "notes")]
     ['dicom', 'nifti', 'auto']
     """
     low = key.lower()
     for r in routes:
         if fnmatch.fnmatchcase(low, r.pattern.lower()):
             return r.kind
-    return "auto"
+    return kinds.auto().name
 
 
 def read_sidecar(store: ObjectStore, key: str) -> dict[str, dict[str, Any]]:
@@ -77,8 +79,8 @@ def meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def series_object(store: ObjectStore, folder: str, members: Sequence[tuple[str, str, int]]) -> SourceObject:
-    """One ``dicom-series`` object from the ``(key, etag, size)`` of the slice files in ``folder``."""
+def series_object(store: ObjectStore, folder: str, members: Sequence[tuple[str, str, int]], kind: str) -> SourceObject:
+    """One object of a series kind (``dicom-series``) from the ``(key, etag, size)`` of the files in ``folder``."""
     members = sorted(members)
     digest = hashlib.sha256("\n".join(f"{k}\t{e}" for k, e, _ in members).encode()).hexdigest()[:32]
     key = f"{folder}/" if folder else ""
@@ -87,7 +89,7 @@ def series_object(store: ObjectStore, folder: str, members: Sequence[tuple[str, 
         key,
         f"series-{len(members)}-{digest}",
         sum(size for _, _, size in members),
-        "dicom-series",
+        kind,
         members=[k for k, _, _ in members],
     )
 
@@ -95,18 +97,18 @@ def series_object(store: ObjectStore, folder: str, members: Sequence[tuple[str, 
 def list_source(store: ObjectStore, routes: Sequence[Route]) -> tuple[list[SourceObject], list[str]]:
     """Every object to index (sidecar metadata attached) and the sidecar keys that were read."""
     objects, sidecars = [], []
-    series: dict[str, list[tuple[str, str, int]]] = {}
+    series: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
     for info in store.list():
-        kind = route(info.key, routes)
-        if kind == "auto" and store.default_kind:
-            kind = store.default_kind
-        if kind == "sidecar":
+        kind = kinds.get(route(info.key, routes))
+        if kind.listing is Listing.DETECT and store.default_kind:
+            kind = kinds.get(store.default_kind)
+        if kind.listing is Listing.SIDECAR:
             sidecars.append(info.key)
-        elif kind == "dicom-series":
-            series.setdefault(posixpath.dirname(info.key), []).append((info.key, info.etag, info.size))
-        elif kind != "skip":
-            objects.append(SourceObject(store.uri_of(info.key), info.key, info.etag, info.size, kind))
-    objects += [series_object(store, folder, members) for folder, members in sorted(series.items())]
+        elif kind.listing is Listing.SERIES:
+            series.setdefault((kind.name, posixpath.dirname(info.key)), []).append((info.key, info.etag, info.size))
+        elif kind.listing is not Listing.SKIP:
+            objects.append(SourceObject(store.uri_of(info.key), info.key, info.etag, info.size, kind.name))
+    objects += [series_object(store, folder, members, k) for (k, folder), members in sorted(series.items())]
     meta: dict[str, dict[str, Any]] = {}
     for key in sorted(sidecars):
         meta.update(read_sidecar(store, key))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from medret import itemid
 from medret.io.base import Decoded
 from medret.preprocess.xray import apply_voi, colour_to_unit, invert_monochrome1, resize_aspect, to_grey
 from medret.registry import Registry
@@ -30,8 +31,24 @@ class Prepared:
 
 Recipe = Callable[..., list[Prepared]]
 RECIPES: Registry[list[Prepared]] = Registry("preprocessing recipe")
+#: what each recipe takes: "image" (a :class:`Decoded`), "volume" (a :class:`~medret.io.volume.Volume`) or
+#: "tiles" (:class:`~medret.preprocess.wsi.tiling.SlideTiles`); a kind may only be given a recipe of its input
+RECIPE_INPUTS: dict[str, str] = {}
 
 
+def takes(what: str) -> Callable[[Recipe], Recipe]:
+    """Record what a recipe takes (register it first)."""
+
+    def deco(fn: Recipe) -> Recipe:
+        names = [n for n in RECIPES if RECIPES.get(n) is fn]
+        for n in names:
+            RECIPE_INPUTS[n] = what
+        return fn
+
+    return deco
+
+
+@takes("image")
 @RECIPES.register("xray")
 def xray(decoded: Decoded, *, input_size: tuple[int, int] = (224, 224)) -> list[Prepared]:
     """Window (VOI LUT / window / percentiles), invert MONOCHROME1, grey, letterbox; one input per frame."""
@@ -46,7 +63,7 @@ def xray(decoded: Decoded, *, input_size: tuple[int, int] = (224, 224)) -> list[
         meta: dict[str, Any] = {"frame": i} if decoded.frames > 1 else {}
         if spacing:
             meta["spacing_mm"] = [round(s, 5) for s in spacing]
-        out.append(Prepared(image, f"#frame={i}" if decoded.frames > 1 else "", meta))
+        out.append(Prepared(image, itemid.suffix(frame=i) if decoded.frames > 1 else "", meta))
     return out
 
 
@@ -59,6 +76,7 @@ def tile_input(rgb: npt.NDArray[Any], input_size: tuple[int, int]) -> npt.NDArra
     return image
 
 
+@takes("image")
 @RECIPES.register("medmnist")
 def medmnist(decoded: Decoded, *, input_size: tuple[int, int] = (28, 28)) -> list[Prepared]:
     """MedMNIST-style: grey, scaled to [0, 1] by the data's bit depth, letterboxed to the input size."""
@@ -73,6 +91,7 @@ def medmnist(decoded: Decoded, *, input_size: tuple[int, int] = (28, 28)) -> lis
     return [Prepared(image)]
 
 
+@takes("volume")
 @RECIPES.register("mri-brain")
 def mri_brain(volume: Any, *, input_size: tuple[int, int] = (128, 128), template: str = "robex") -> list[Prepared]:
     """The brain recipe (:mod:`medret.preprocess.mri`); one input per axial level in template space."""
@@ -84,24 +103,28 @@ def mri_brain(volume: Any, *, input_size: tuple[int, int] = (128, 128), template
     out = []
     for level, plane in zip(cfg.levels, result.slices, strict=True):
         image, _ = resize_aspect(plane, input_size)
-        out.append(Prepared(image, f"#level={level}", {"level": level, "timings_cpu_s": summary["timings_cpu_s"]}))
+        out.append(
+            Prepared(image, itemid.suffix(level=level), {"level": level, "timings_cpu_s": summary["timings_cpu_s"]})
+        )
     return out
 
 
+@takes("tiles")
 @RECIPES.register("wsi-tiles")
-def wsi_tiles(
-    slide: Any, *, input_size: tuple[int, int] = (224, 224), mpp: float = 0.5, min_tissue: float = 0.5
-) -> list[Prepared]:
-    """Tissue tiles at ``mpp`` (:mod:`medret.preprocess.wsi`), grey in [0, 1]; tile position in the suffix."""
-    from medret.preprocess.wsi.tiling import iter_tiles, tile_grid
+def wsi_tiles(tiles: Any, *, input_size: tuple[int, int] = (224, 224)) -> list[Prepared]:
+    """Each tile of a :class:`~medret.preprocess.wsi.tiling.SlideTiles` with enough tissue in its own
+    pixels -> grey in [0, 1], letterboxed to the input size; the tile position goes in the suffix."""
+    from medret.preprocess.wsi.tissue import tissue_fraction
 
-    size = input_size[0]
-    specs = tile_grid(slide, tile_size=size, mpp=mpp, min_tissue=min_tissue)
-    return [
-        Prepared(
-            to_grey(colour_to_unit(t.image)),
-            f"#x={t.x}&y={t.y}",
-            {"slide_id": t.slide_id, "tile_x": t.x, "tile_y": t.y, "mpp": t.mpp, "tissue": t.tissue},
-        )
-        for t in iter_tiles(slide, specs, tile_size=size, mpp=mpp, min_tissue=min_tissue)
-    ]
+    t = tiles.tiling
+    floor = t.min_tissue if tiles.min_tissue is None else tiles.min_tissue
+    out = []
+    for x, y, planned in tiles.positions:
+        rgb = tiles.read(x, y)
+        frac = tissue_fraction(rgb)
+        if frac < floor:
+            continue  # background after all
+        meta = {"modality": "SM", "slide_id": tiles.slide_id, "tile_x": x, "tile_y": y, "mpp": t.mpp}
+        meta["tissue"] = round(min(frac, planned), 4)
+        out.append(Prepared(tile_input(rgb, input_size), itemid.suffix(x=x, y=y), meta))
+    return out

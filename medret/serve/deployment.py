@@ -12,7 +12,7 @@ from ray import serve
 
 from medret.config import format_validation_error
 from medret.errors import ConfigError
-from medret.serve.engine import ServiceConfig
+from medret.serve.config import ServiceConfig
 from medret.serve.secrets import TOKEN_ENV, TOKEN_FILE_ENV, require_auth, resolve, without_secrets
 
 APP_NAME = "medret"
@@ -28,7 +28,7 @@ class QueryDeployment:
     """
 
     def __init__(self, config_json: str) -> None:
-        from medret.serve.app import Service
+        from medret.serve.service import Service
 
         self.service = Service(replica_config(config_json))
         self.service.engine.warm()
@@ -98,3 +98,38 @@ def app_builder(args: dict[str, Any]) -> Any:
         raise ConfigError(format_validation_error(err, "serve application args")) from err
     require_auth(cfg, "a Serve application")
     return build(cfg)
+
+
+def start(cfg: object, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Start Serve on the local (or ``RAY_ADDRESS``) Ray and deploy the query app; returns its URL.
+
+    A non-loopback ``host`` needs a token (or ``allow_anonymous``). The token and S3 keys
+    reach the replicas through a private file, never through their init arguments.
+    """
+    from medret.runtime import ensure_ray
+    from medret.serve.secrets import is_loopback, write_secrets_file
+
+    assert isinstance(cfg, ServiceConfig)
+    cfg = resolve(cfg)
+    if not is_loopback(host):
+        require_auth(cfg, f"on {host}:{port}")
+    cfg, secrets = write_secrets_file(cfg)
+    if secrets is not None:
+        _SECRET_FILES.append(secrets)
+    ensure_ray(log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s})
+    serve.run(build(cfg), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}/"
+
+
+#: secret files written for this process's replicas, removed by :func:`stop`
+_SECRET_FILES: list[object] = []
+
+
+def stop() -> None:
+    """Shut Serve down and remove the secret files :func:`start` wrote."""
+    from pathlib import Path
+
+    serve.shutdown()
+    while _SECRET_FILES:
+        Path(str(_SECRET_FILES.pop())).unlink(missing_ok=True)

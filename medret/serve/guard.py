@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from medret.serve.engine import ServiceConfig
+from medret.serve.config import ServiceConfig
 
 #: source locations that library errors carry (Lance's Rust build paths and the like)
 _BUILD_PATH = re.compile(r",?\s*/(?:home|build|root|rustc|usr/src|tmp)/\S*?\.(?:rs|c|cc|cpp|h)(?::\d+)+")

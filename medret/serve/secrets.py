@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from medret.errors import ConfigError
-from medret.serve.engine import ServiceConfig
+from medret.serve.config import ServiceConfig
 
 TOKEN_ENV = "MEDRET_TOKEN"
 TOKEN_FILE_ENV = "MEDRET_TOKEN_FILE"

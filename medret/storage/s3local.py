@@ -146,7 +146,7 @@ class SeaweedS3:
         return self
 
     def _wait_ready(self) -> None:
-        from medret.storage.objects import s3_client
+        from medret.storage.s3 import s3_client
 
         client = s3_client(self.config().model_copy(update={"max_attempts": 1, "connect_timeout_s": 1.0}))
         deadline = time.monotonic() + self.startup_timeout_s

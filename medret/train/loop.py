@@ -10,6 +10,7 @@ import math
 import tempfile
 import time
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy.typing as npt
 import torch
 
 from medret.errors import ConfigError
+from medret.eval.benchmarks import Part, RetrievalSplit
 from medret.eval.retrieval import leave_one_out_map
 from medret.methods import METHODS, Method
 from medret.models.encoder import EncoderConfig
@@ -121,7 +123,104 @@ def init_weights(method: Method, spec: str) -> None:
         raise ConfigError(f"init {spec!r} ({path}): its weights do not fit this run's encoder: {err}") from err
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class Budget:
+    """How much one run trains: global batch size, epochs, samples and optimizer steps per epoch."""
+
+    batch_size: int
+    epochs: int
+    samples: int
+    steps: int
+
+
+def budget(cfg: TrainConfig, n_train: int, world: int) -> Budget:
+    batch_size = int(cfg.resolved("batch_size"))
+    if batch_size < world * 2:
+        raise ValueError(f"batch_size {batch_size} is too small for {world} workers (at least 2 each)")
+    samples = cfg.samples_per_epoch or n_train
+    steps = samples // batch_size if cfg.max_steps is None else min(cfg.max_steps, samples // batch_size)
+    return Budget(batch_size, int(cfg.resolved("epochs")), samples, steps)
+
+
+@dataclass
+class WorkerRun:
+    """What one worker's epochs share: the data, the method and its optimizer, and the history so far."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    split: RetrievalSplit
+    labels: Labels
+    train_label: npt.NDArray[np.int64]  # the combined label of each training item
+    method: Method
+    model: Any  # ``method`` as Ray Train prepared it (DDP-wrapped with several workers)
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp: AbstractContextManager[Any]
+    budget: Budget
+    start_epoch: int
+    history: list[dict[str, Any]]
+    enc_config: EncoderConfig
+    val_batch: tuple[torch.Tensor, ...]
+
+
+def build_method(cfg: TrainConfig, split: RetrievalSplit) -> Method:
+    return METHODS.get(cfg.method)(
+        task_info(split, cfg.bits, cfg.resolved_fine_bits()),
+        cfg.resolved("architecture"),
+        cfg.resolved("arch"),
+        cfg.hyper,
+    )
+
+
+def restore(cfg: TrainConfig, method: Method, checkpoint: Any) -> dict[str, Any] | None:
+    """Load the method's weights from Ray's checkpoint (a resume) or ``cfg.init`` (fine-tuning);
+    returns the checkpoint's training state, if any."""
+    if checkpoint:
+        state = load_state(checkpoint)
+        method.load_state_dict(state["method"])
+        return state
+    if cfg.init:
+        init_weights(method, cfg.init)
+    return None
+
+
+def optimizers(
+    cfg: TrainConfig, method: Method, b: Budget
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the method's parameter groups, with linear warm-up then a cosine decay over the run."""
+    lr = float(cfg.resolved("lr"))
+    optimizer = torch.optim.AdamW(method.param_groups(lr), weight_decay=float(cfg.resolved("weight_decay")))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(b.epochs * b.steps, max(1, b.steps // 2)))
+    return optimizer, scheduler
+
+
+def resume(
+    cfg: TrainConfig,
+    state: dict[str, Any] | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+) -> tuple[int, list[dict[str, Any]]]:
+    """The first epoch to train and the history before it, restoring the optimizer's state on a resume."""
+    if state is None:
+        return 0, []
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    start_epoch = int(state["epoch"]) + 1
+    log.info("resumed %s at epoch %d", cfg.run_name(), start_epoch)
+    return start_epoch, list(json.loads(state["history"]))
+
+
+def validation_batch(cfg: TrainConfig, val: Part, labels: Labels) -> tuple[torch.Tensor, ...]:
+    """A fixed validation batch: its loss, unlike the training loss of a mining method, is comparable across epochs."""
+    vb = np.sort(np.random.default_rng(cfg.seed).choice(len(val), min(256, len(val)), replace=False))
+    return to_tensor(val.images[vb]), torch.from_numpy(val.organ[vb]), torch.from_numpy(labels.combined(val)[vb])
+
+
+def setup(loop_config: dict[str, Any]) -> WorkerRun:
+    """Everything a worker needs before its first epoch, from scratch or from the latest checkpoint."""
     import ray.train
     import ray.train.torch
 
@@ -132,106 +231,131 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     seed_everything(cfg.seed)  # identical initial weights on every worker
     split = load_split(cfg.data)
     labels = Labels.of(split)
-    train, val = split["train"], split["val"]
-    train_label = labels.combined(train)
-    method = METHODS.get(cfg.method)(
-        task_info(split, cfg.bits, cfg.resolved_fine_bits()),
-        cfg.resolved("architecture"),
-        cfg.resolved("arch"),
-        cfg.hyper,
-    )
-    batch_size = int(cfg.resolved("batch_size"))
-    if batch_size < world * 2:
-        raise ValueError(f"batch_size {batch_size} is too small for {world} workers (at least 2 each)")
-    epochs = int(cfg.resolved("epochs"))
-    samples = cfg.samples_per_epoch or len(train)
-    steps = samples // batch_size if cfg.max_steps is None else min(cfg.max_steps, samples // batch_size)
-    state: dict[str, Any] | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        state = load_state(checkpoint)
-        method.load_state_dict(state["method"])
-    elif cfg.init:
-        init_weights(method, cfg.init)
+    method = build_method(cfg, split)
+    b = budget(cfg, len(split["train"]), world)
+    state = restore(cfg, method, ray.train.get_checkpoint())
     model = ray.train.torch.prepare_model(method)
     device = ray.train.torch.get_device()
-    lr = float(cfg.resolved("lr"))
-    optimizer = torch.optim.AdamW(method.param_groups(lr), weight_decay=float(cfg.resolved("weight_decay")))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(epochs * steps, max(1, steps // 2)))
-    start_epoch, history = 0, []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = int(state["epoch"]) + 1, json.loads(state["history"])
-        log.info("resumed %s at epoch %d", cfg.run_name(), start_epoch)
+    optimizer, scheduler = optimizers(cfg, method, b)
+    start_epoch, history = resume(cfg, state, optimizer, scheduler)
     amp, amp_dtype = autocast(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    enc_config = encoder_config(cfg, method, split.organs, labels.n_classes)
-    # a fixed validation batch: its loss, unlike the training loss of a mining method, is comparable across epochs
-    vb = np.sort(np.random.default_rng(cfg.seed).choice(len(val), min(256, len(val)), replace=False))
-    val_batch = (to_tensor(val.images[vb]), torch.from_numpy(val.organ[vb]), torch.from_numpy(labels.combined(val)[vb]))
+    return WorkerRun(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        split=split,
+        labels=labels,
+        train_label=labels.combined(split["train"]),
+        method=method,
+        model=model,
+        device=device,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        amp=amp,
+        budget=b,
+        start_epoch=start_epoch,
+        history=history,
+        enc_config=encoder_config(cfg, method, split.organs, labels.n_classes),
+        val_batch=validation_batch(cfg, split["val"], labels),
+    )
 
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        idx = epoch_indices(train.organ, balance=cfg.organ_balance, samples=samples, seed=cfg.seed * 100_003 + epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank)
-        sums: dict[str, float] = {}
-        t0, seen, step = time.perf_counter(), 0, 0
-        for step, b in enumerate(batches(idx, batch_size=batch_size, rank=rank, world=world)):
-            if step >= steps:
-                break
-            x = to_tensor(train.images[b])
-            if cfg.augment:
-                x = augment(x, gen)
-            organ = torch.from_numpy(train.organ[b]).to(device)
-            label = torch.from_numpy(train_label[b]).to(device)
-            with amp:
-                loss, logs = model(x.to(device, non_blocking=True), organ, label)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            method.after_step()
-            seen += len(b)
-            for k, v in {"loss": loss, **logs}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-        elapsed = time.perf_counter() - t0
-        metrics: dict[str, Any] = {k: v / max(1, step) for k, v in sums.items()}
-        metrics.update(
-            epoch=epoch,
-            start_epoch=start_epoch,
-            samples_per_s_worker=seen / elapsed,
-            epoch_s=elapsed,
-            lr=scheduler.get_last_lr()[0],
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                metrics["val_loss"] = fixed_batch_loss(method, val_batch, device)
-                net = copy.deepcopy(method.encoder).cpu().eval()
-                if cfg.resolved("bit_balance", False):  # thresholds from the training mix the run sampled
-                    sample = epoch_indices(train.organ, balance=cfg.organ_balance, samples=10_000, seed=cfg.seed + 1)
-                    net.balance_bits(training_features(net, train.images, sample))
-                if method.task.fine_bits:
-                    sample = np.random.default_rng(cfg.seed).choice(len(train), min(len(train), 10_000), replace=False)
-                    net.fit_fine(training_features(net, train.images, sample), seed=cfg.seed)
-                encoder = TorchHashEncoder.from_module(net, enc_config)
-                codes = encoder.encode(val.images)
-                metrics["val_map100"] = leave_one_out_map(codes, labels.combined(val), cfg.val_queries)
-                history.append(metrics)
-                encoder.save(Path(tmp) / ENCODER)
-                torch.save(
-                    {
-                        "method": method.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "history": json.dumps(history),
-                    },
-                    Path(tmp) / STATE,
-                )
-                (Path(tmp) / META).write_text(json.dumps({"epoch": epoch, "metrics": metrics, "history": history}))
-                log.info("epoch %d: %s", epoch, {k: round(float(v), 4) for k, v in metrics.items()})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report({**metrics, "val_map100": float("nan"), "val_loss": float("nan")}, checkpoint=None)
+
+def train_step(run: WorkerRun, b: npt.NDArray[np.int64], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """One optimizer step on the training items ``b``; returns the loss and the method's logs."""
+    train = run.split["train"]
+    x = to_tensor(train.images[b])
+    if run.cfg.augment:
+        x = augment(x, gen)
+    organ = torch.from_numpy(train.organ[b]).to(run.device)
+    label = torch.from_numpy(run.train_label[b]).to(run.device)
+    with run.amp:
+        loss, logs = run.model(x.to(run.device, non_blocking=True), organ, label)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.method.after_step()
+    return {"loss": loss, **logs}
+
+
+def train_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
+    """This worker's share of one epoch; returns the mean losses and the throughput."""
+    cfg, b = run.cfg, run.budget
+    run.model.train()
+    organ = run.split["train"].organ
+    idx = epoch_indices(organ, balance=cfg.organ_balance, samples=b.samples, seed=cfg.seed * 100_003 + epoch)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1009 + run.rank)
+    sums: dict[str, float] = {}
+    t0, seen, step = time.perf_counter(), 0, 0
+    for step, items in enumerate(batches(idx, batch_size=b.batch_size, rank=run.rank, world=run.world)):
+        if step >= b.steps:
+            break
+        for k, v in train_step(run, items, gen).items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        seen += len(items)
+    elapsed = time.perf_counter() - t0
+    metrics: dict[str, Any] = {k: v / max(1, step) for k, v in sums.items()}
+    metrics.update(
+        epoch=epoch,
+        start_epoch=run.start_epoch,
+        samples_per_s_worker=seen / elapsed,
+        epoch_s=elapsed,
+        lr=run.scheduler.get_last_lr()[0],
+    )
+    return metrics
+
+
+def export_encoder(run: WorkerRun) -> TorchHashEncoder:
+    """The method's encoder as exported: a copy on the CPU, its bits balanced and fine bits fitted when asked."""
+    cfg, train = run.cfg, run.split["train"]
+    net = copy.deepcopy(run.method.encoder).cpu().eval()
+    if cfg.resolved("bit_balance", False):  # thresholds from the training mix the run sampled
+        sample = epoch_indices(train.organ, balance=cfg.organ_balance, samples=10_000, seed=cfg.seed + 1)
+        net.balance_bits(training_features(net, train.images, sample))
+    if run.method.task.fine_bits:
+        sample = np.random.default_rng(cfg.seed).choice(len(train), min(len(train), 10_000), replace=False)
+        net.fit_fine(training_features(net, train.images, sample), seed=cfg.seed)
+    return TorchHashEncoder.from_module(net, run.enc_config)
+
+
+def save_checkpoint(run: WorkerRun, epoch: int, metrics: dict[str, Any], encoder: TorchHashEncoder, tmp: Path) -> None:
+    """The exported encoder, the training state to resume from and the history, in ``tmp``."""
+    encoder.save(tmp / ENCODER)
+    state = {
+        "method": run.method.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "epoch": epoch,
+        "history": json.dumps(run.history),
+    }
+    torch.save(state, tmp / STATE)
+    (tmp / META).write_text(json.dumps({"epoch": epoch, "metrics": metrics, "history": run.history}))
+
+
+def report_epoch(run: WorkerRun, epoch: int, metrics: dict[str, Any]) -> None:
+    """Rank 0 validates, checkpoints and reports the epoch; the other workers report their metrics only."""
+    import ray.train
+
+    if run.rank != 0:
+        ray.train.report({**metrics, "val_map100": float("nan"), "val_loss": float("nan")}, checkpoint=None)
+        return
+    val = run.split["val"]
+    metrics["val_loss"] = fixed_batch_loss(run.method, run.val_batch, run.device)
+    encoder = export_encoder(run)
+    codes = encoder.encode(val.images)
+    metrics["val_map100"] = leave_one_out_map(codes, run.labels.combined(val), run.cfg.val_queries)
+    run.history.append(metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(run, epoch, metrics, encoder, Path(tmp))
+        log.info("epoch %d: %s", epoch, {k: round(float(v), 4) for k, v in metrics.items()})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: set up (or resume), then train, validate and checkpoint each epoch."""
+    run = setup(loop_config)
+    for epoch in range(run.start_epoch, run.budget.epochs):
+        report_epoch(run, epoch, train_epoch(run, epoch))

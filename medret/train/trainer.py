@@ -20,7 +20,7 @@ from typing import Any
 from medret.config import save_resolved
 from medret.errors import ConfigError
 from medret.runtime import ensure_ray
-from medret.storage.objects import arrow_filesystem
+from medret.storage.s3 import arrow_filesystem
 from medret.storage.uri import parse_uri
 from medret.train.config import TrainConfig
 

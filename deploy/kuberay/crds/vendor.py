@@ -1,4 +1,4 @@
-"""Vendor the openAPIV3Schema of KubeRay's RayJob and RayService CRDs (ray.io/v1) for tests/test_deploy.py.
+"""Vendor the openAPIV3Schema of KubeRay's RayJob and RayService CRDs (ray.io/v1) for tests/deploy/test_deploy.py.
 
     git clone https://github.com/ray-project/kuberay && git -C kuberay checkout v1.7.0
     python deploy/kuberay/crds/vendor.py kuberay v1.7.0

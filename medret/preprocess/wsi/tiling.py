@@ -1,13 +1,17 @@
-"""A tile grid at a target mpp restricted to tissue, and the tiles themselves, read lazily."""
+"""A slide and its tiling -> tile positions over tissue -> tiles read lazily at a target mpp."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import Field
 
+from medret.config import Frozen
 from medret.errors import ConfigError
 from medret.io.wsi import Slide
 from medret.preprocess.wsi.tissue import tissue_fraction, tissue_mask
@@ -75,3 +79,82 @@ def iter_tiles(
         frac = tissue_fraction(image)
         if frac >= min_tissue:
             yield Tile(image, slide.slide_id, spec.x, spec.y, mpp, round(min(frac, spec.tissue), 4))
+
+
+class TilingConfig(Frozen):
+    """How whole slides become tiles (read lazily, region by region)."""
+
+    tile_px: int = Field(default=224, ge=16, le=4096, description="tile side in pixels at `mpp`")
+    mpp: float = Field(default=0.5, gt=0, description="target microns per pixel of a tile")
+    min_tissue: float = Field(default=0.5, ge=0, le=1, description="minimum tissue fraction to keep a tile")
+    default_mpp: float | None = Field(
+        default=None, gt=0, description="pixel size to assume for slides that do not state one (else quarantined)"
+    )
+    tiles_per_unit: int = Field(default=64, ge=1, description="tiles read by one task")
+
+
+@dataclass(frozen=True)
+class SlideTiles:
+    """What the slide recipe prepares: tile positions and a way to read each at the target mpp.
+
+    ``read(x, y)`` returns the RGB tile of ``tiling.tile_px`` pixels at ``tiling.mpp`` whose
+    level-0 top-left corner is (x, y). The indexing job reads from the slide; an uploaded
+    region is one position whose ``read`` returns the region itself.
+    """
+
+    positions: Sequence[tuple[int, int, float]]  # (x, y, tissue fraction from the thumbnail mask)
+    read: Callable[[int, int], npt.NDArray[np.uint8]]
+    tiling: TilingConfig
+    slide_id: str = ""
+    min_tissue: float | None = None  # None: the tiling's; an uploaded region is kept whatever it shows
+
+    @classmethod
+    def of_slide(cls, slide: Slide, positions: Sequence[tuple[int, int, float]], tiling: TilingConfig) -> SlideTiles:
+        t = tiling
+        return cls(
+            positions,
+            lambda x, y: slide.read((x, y), (t.tile_px, t.tile_px), t.mpp, "mpp"),
+            tiling,
+            slide.slide_id,
+        )
+
+    @classmethod
+    def of_region(cls, rgb: npt.NDArray[np.uint8], tiling: TilingConfig) -> SlideTiles:
+        return cls([(0, 0, 1.0)], lambda x, y: rgb, tiling, min_tissue=0.0)
+
+
+def plan_units(slide: Slide, tiling: TilingConfig) -> list[list[tuple[int, int, float]]]:
+    """The slide's tissue tile positions at the tiling's mpp, in groups of ``tiles_per_unit``."""
+    t = tiling
+    specs = tile_grid(slide, tile_size=t.tile_px, mpp=t.mpp, min_tissue=t.min_tissue)
+    pos = [(s.x, s.y, s.tissue) for s in specs]
+    return [pos[i : i + t.tiles_per_unit] for i in range(0, len(pos), t.tiles_per_unit)] or [[]]
+
+
+_SLIDES: OrderedDict[str, Slide] = OrderedDict()
+
+
+def open_cached_slide(path: Path, tiling: TilingConfig) -> Slide:
+    """Slides stay open per worker process (a few at a time), so units of one slide reuse the handle.
+
+    A slide that states no pixel size gets ``tiling.default_mpp``, or raises the reader's own error.
+    """
+    from medret.io.wsi import open_slide
+
+    key = str(path)
+    if key in _SLIDES:
+        _SLIDES.move_to_end(key)
+        return _SLIDES[key]
+    slide = open_slide(path)
+    if slide.mpp is None:
+        if tiling.default_mpp is None:
+            try:
+                slide.require_mpp()  # raises the reader's own "no pixel size" error
+            finally:
+                slide.close()
+        mpp = float(tiling.default_mpp or 0.0)
+        slide.mpp = (mpp, mpp)
+    _SLIDES[key] = slide
+    while len(_SLIDES) > 4:
+        _SLIDES.popitem(last=False)[1].close()
+    return slide

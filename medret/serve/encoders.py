@@ -1,0 +1,60 @@
+"""The encoders a table's codes were made with, loaded once each for the query path.
+
+A table names its encoder (id and checkpoint) in its schema metadata; the query service
+loads that checkpoint, or the configured fallback, and uses it only if its id is the
+table's: a query is never encoded by a different model than the index.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from medret import observability as obs
+from medret.errors import ConfigError, DataError, EncoderMismatchError
+from medret.index.store import CodeIndex
+from medret.models.encoder import Encoder
+
+
+class Encoders:
+    """Encoders by id, loaded on first use from the table's checkpoint or ``fallback``. Thread-safe."""
+
+    def __init__(self, fallback: str | None = None) -> None:
+        self.fallback = fallback
+        self._lock = threading.RLock()
+        self._loaded: dict[str, Encoder] = {}
+
+    def get(self, idx: CodeIndex) -> Encoder:
+        """The table's encoder, loaded once; its id must equal the table's."""
+        with self._lock:
+            enc = self._loaded.get(idx.encoder_id)
+            if enc is not None:
+                return enc
+            from medret.models.encoder import load_encoder
+            from medret.models.pretrained import encoder_path
+
+            tried = []
+            for spec in (idx.checkpoint, self.fallback):
+                if not spec:
+                    continue
+                try:
+                    candidate = load_encoder(encoder_path(spec))
+                except (ConfigError, DataError) as err:
+                    tried.append(f"{spec}: {err}")
+                    continue
+                if candidate.config.encoder_id == idx.encoder_id:
+                    self._loaded[idx.encoder_id] = candidate
+                    obs.ENCODER_LOADED.labels(encoder_id=idx.encoder_id).set(1)
+                    return candidate
+                tried.append(f"{spec}: is encoder {candidate.config.encoder_id}")
+            raise EncoderMismatchError(
+                f"table {idx.name!r} holds codes of encoder {idx.encoder_id}, and no checkpoint of it is reachable "
+                f"here ({'; '.join(tried) or 'the table names none'}); pass the checkpoint with --checkpoint"
+            )
+
+    def encode(self, idx: CodeIndex, images: Sequence[npt.NDArray[np.float32]]) -> npt.NDArray[np.uint8]:
+        """Packed codes of prepared images, one model call, by the table's encoder."""
+        return self.get(idx).encode(np.stack(images).astype(np.float32, copy=False))

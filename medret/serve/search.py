@@ -1,0 +1,111 @@
+"""Searching a code table: top-k by Hamming distance for a code, by an item's own code, one item's row.
+
+Filters are checked against the table's columns before any work (:func:`where`); tables
+at least ``ivf_min_rows`` large that have an IVF index are searched through it, all others
+by the exact scan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from medret.errors import ConfigError, NotFound
+from medret.index.filters import where_clause
+from medret.index.store import CodeIndex
+from medret.serve.config import ServiceConfig
+from medret.serve.tables import Tables
+
+
+def where(filters: Mapping[str, Any]) -> str | None:
+    """The SQL filter for column -> value (or list of values); unset values are left out.
+
+    >>> where({"label": None, "dataset": ""}) is None
+    True
+    """
+    return where_clause({k: v for k, v in filters.items() if v not in (None, "", [])})
+
+
+def row_of(r: dict[str, Any]) -> dict[str, Any]:
+    """A table row as the API shows it: no nulls, ``indexed_at`` as ISO text, ``extra`` parsed when it is JSON.
+
+    >>> row_of({"item_id": "a", "label": None, "extra": '{"n": 1}', "indexed_at": None})
+    {'item_id': 'a', 'extra': {'n': 1}}
+    """
+    out = {k: v for k, v in r.items() if v is not None and k != "indexed_at"}
+    if r.get("indexed_at") is not None:
+        out["indexed_at"] = r["indexed_at"].isoformat()
+    if out.get("extra"):
+        with contextlib.suppress(ValueError):
+            out["extra"] = json.loads(out["extra"])
+    else:
+        out.pop("extra", None)
+    return out
+
+
+class Searcher:
+    """Top-k queries and item look-ups over the tables of :class:`~medret.serve.tables.Tables`. Thread-safe."""
+
+    def __init__(self, cfg: ServiceConfig, tables: Tables) -> None:
+        self.cfg = cfg
+        self.tables = tables
+        self._lock = threading.Lock()
+        self._ivf: dict[tuple[str, int], bool] = {}
+
+    def search(
+        self,
+        idx: CodeIndex,
+        codes: npt.NDArray[np.uint8],
+        k: int = 10,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        exclude: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Top-``k`` hits (dicts) for one packed code; ``exclude`` drops that item (a by-id query's own)."""
+        if not 1 <= k <= self.cfg.max_k:
+            raise ConfigError(f"k must be between 1 and {self.cfg.max_k}, got {k}")
+        clause = where(filters or {})
+        q, want = np.asarray(codes).reshape(1, -1), k + (1 if exclude else 0)
+        if self.use_ivf(idx):
+            (hits,) = idx.search_ivf(q, want, nprobes=self.cfg.ivf_nprobes, where=clause)
+        else:
+            (hits,) = idx.search(q, want, where=clause)
+        rows = [row_of(r) for r in hits.to_pylist() if r["item_id"] != exclude][:k]
+        for rank, r in enumerate(rows):
+            r["rank"] = rank
+        return rows
+
+    def use_ivf(self, idx: CodeIndex) -> bool:
+        """The approximate path, for tables at least ``ivf_min_rows`` large that have an IVF index."""
+        if self.cfg.ivf_min_rows is None:
+            return False
+        key = (idx.name, idx.version)
+        with self._lock:
+            if key not in self._ivf:
+                self._ivf[key] = idx.count() >= self.cfg.ivf_min_rows and idx.has_ivf()
+            return self._ivf[key]
+
+    def item(self, table: str | None, item_id: str) -> dict[str, Any]:
+        """One item's row (without its code)."""
+        idx = self.tables.open(table)
+        t = idx.get([item_id])
+        if t.num_rows == 0:
+            raise NotFound(f"no item {item_id[:200]!r} in table {idx.name!r}")
+        return row_of(t.drop_columns(["code"]).to_pylist()[0])
+
+    def similar(
+        self, table: str | None, item_id: str, k: int = 10, *, filters: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Top-``k`` hits for an indexed item's own code, the item itself left out."""
+        idx = self.tables.open(table)
+        try:
+            codes = idx.codes_of([item_id])
+        except KeyError as err:
+            raise NotFound(f"no item {item_id[:200]!r} in table {idx.name!r}") from err
+        return self.search(idx, codes, k, filters=filters, exclude=item_id)

@@ -1,0 +1,122 @@
+"""What one replica of the query service holds: :class:`Service`, the engine behind the HTTP app.
+
+Uploads are decoded and searched in worker threads; encoding goes through ``serve.batch``,
+so concurrent queries share one model call while a lone query does not wait for company
+(``batch_wait_s`` 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from ray import serve
+from ray.serve.context import _get_internal_replica_context
+
+from medret import observability as obs
+from medret.errors import Busy, CorruptFileError, MedretError
+from medret.index.store import CodeIndex
+from medret.serve.config import ServiceConfig
+from medret.serve.engine import QueryEngine
+from medret.serve.uploads import Query
+
+
+class Service:
+    """What one replica holds: the engine, a batched encoder, and a bounded pool for expensive uploads.
+
+    Volumes (MRI registration, seconds to a minute of CPU each) are prepared on
+    ``heavy_workers`` threads of their own with ITK limited to as many threads, and at most
+    ``heavy_queue`` are admitted at once (more get 503 with Retry-After), so a PNG query
+    never waits behind them.
+    """
+
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        self.engine = QueryEngine(cfg)
+        self._heavy = concurrent.futures.ThreadPoolExecutor(
+            cfg.heavy_workers, thread_name_prefix="medret-heavy", initializer=_limit_itk, initargs=(cfg.heavy_workers,)
+        )
+        self._heavy_admitted = 0
+        # the model gets a thread of its own: behind decoding and searching in the shared pool, a batch
+        # would wait for a free thread while new queries pile up elsewhere instead of in the batch queue
+        self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="medret-encode")
+        # serve.batch lives in a Serve replica; elsewhere (tests, a plain ASGI server) each query encodes alone
+        self.encode_batched: Callable[[Any], Awaitable[Any]] = self._encode_one
+        if _get_internal_replica_context() is not None:
+            self.encode_batched = serve.batch(max_batch_size=cfg.batch_max_size, batch_wait_timeout_s=cfg.batch_wait_s)(
+                self._encode_many
+            )
+
+    async def _encode_one(self, item: tuple[CodeIndex, npt.NDArray[np.float32]]) -> Any:
+        (out,) = await self._encode_many([item])
+        return out
+
+    async def _encode_many(self, items: list[tuple[CodeIndex, npt.NDArray[np.float32]]]) -> list[Any]:
+        """One model call per encoder for everything that queued up meanwhile."""
+        obs.QUERY_BATCH_SIZE.observe(len(items))
+        out: list[Any] = [None] * len(items)
+        groups: dict[str, list[int]] = {}
+        for i, (idx, _) in enumerate(items):
+            groups.setdefault(idx.encoder_id, []).append(i)
+        for members in groups.values():
+            idx = items[members[0]][0]
+            try:
+                loop = asyncio.get_running_loop()
+                images = [items[i][1] for i in members]
+                t0 = time.perf_counter()
+                codes = await loop.run_in_executor(self._model, self.engine.encode, idx, images)
+                obs.QUERY_MODEL_SECONDS.observe(time.perf_counter() - t0)
+                for j, i in enumerate(members):
+                    out[i] = codes[j]
+            except Exception as err:  # each caller gets its error, the batch goes on
+                for i in members:
+                    out[i] = err
+        return out
+
+    async def prepare(
+        self, idx: CodeIndex, data: bytes, name: str, kind: str, slice: int | None, mpp: float | None
+    ) -> Query:
+        """Decode and preprocess an upload: cheap kinds on the shared threads, volumes on the bounded pool."""
+        if not self.engine.is_heavy(data, name, kind):
+            return await asyncio.to_thread(_prepare, self.engine, idx, data, name, kind, slice, mpp)
+        if self._heavy_admitted >= self.cfg.heavy_queue:
+            raise Busy(
+                f"{name[:200]}: {self._heavy_admitted} volume uploads are already being prepared "
+                f"(heavy_queue={self.cfg.heavy_queue}); retry shortly"
+            )
+        self._heavy_admitted += 1  # the event loop is one thread: no lock needed
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._heavy, _prepare, self.engine, idx, data, name, kind, slice, mpp)
+        finally:
+            self._heavy_admitted -= 1
+
+    async def encode(self, idx: CodeIndex, image: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+        """The upload's packed code, through the batch queue inside a Serve replica."""
+        result = await self.encode_batched((idx, image))
+        if isinstance(result, BaseException):
+            raise result
+        return np.asarray(result)
+
+
+def _limit_itk(threads: int) -> None:
+    """ITK's own thread pool at the heavy pool's size (it would take every core)."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _prepare(
+    engine: QueryEngine, idx: CodeIndex, data: bytes, name: str, kind: str, slice: int | None, mpp: float | None
+) -> Query:
+    try:
+        return engine.prepare(idx, data, name, kind=kind, slice=slice, mpp=mpp)
+    except MedretError:
+        raise
+    except Exception as err:  # a decoder tripped over bad bytes: still the upload's fault
+        raise CorruptFileError(name, f"could not decode: {type(err).__name__}: {err}") from err

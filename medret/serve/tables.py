@@ -1,0 +1,103 @@
+"""The code tables at one index URI, as the query service sees them: listed, opened by name, described.
+
+Nothing a request names is opened as a path: a table is looked up by name among the
+index's tables, and a name that is not a table name is no table. Opened tables follow
+new versions at most every ``refresh_s`` seconds, so a running service picks up what an
+indexing job commits without a restart.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from medret import kinds
+from medret.errors import NotFound, TableNotFoundError
+from medret.index.store import CodeIndex, list_tables
+from medret.kinds import ReadContext
+from medret.preprocess.wsi.tiling import TilingConfig
+from medret.serve.config import TABLE_NAME, ServiceConfig
+
+
+def recipes_of(idx: CodeIndex) -> dict[str, Any]:
+    """Kind -> recipe and the slide tiling, as recorded by the indexing job (defaults for older tables)."""
+    rec = idx.recipes or {}
+    chosen = {**kinds.default_recipes(idx.encoder.preprocess), **rec.get("kinds", {})}
+    tiling = TilingConfig(**rec.get("tiling", {})).model_dump(mode="json")
+    return {"kinds": chosen, "tiling": tiling}
+
+
+def read_context(
+    idx: CodeIndex, *, pixel_budget: int, store: Any = None, input_size: tuple[int, int] | None = None
+) -> ReadContext:
+    """How this table's items were read and prepared, for reading an upload or an item again."""
+    rec = recipes_of(idx)
+    return ReadContext(
+        store=store,
+        input_size=input_size or idx.encoder.input_size,
+        recipes=rec["kinds"],
+        tiling=TilingConfig(**rec["tiling"]),
+        pixel_budget=pixel_budget,
+    )
+
+
+class Tables:
+    """The index's code tables, opened once each and refreshed at most every ``refresh_s``. Thread-safe."""
+
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        self._lock = threading.RLock()
+        self._open: dict[str, CodeIndex] = {}
+        self._names: tuple[float, list[str]] | None = None
+
+    def names(self) -> list[str]:
+        """The code tables (manifests left out), listed again at most every ``refresh_s`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            if self._names is None or now - self._names[0] >= self.cfg.refresh_s:
+                names = [t for t in list_tables(self.cfg.index, self.cfg.s3) if not t.endswith("__manifest")]
+                self._names = (now, names)
+            return list(self._names[1])
+
+    def default(self) -> str:
+        """The configured table, else the first one the index lists."""
+        if self.cfg.table:
+            return self.cfg.table
+        names = self.names()
+        if not names:
+            raise NotFound(f"no code tables at {self.cfg.index}; run `medret index` first")
+        return names[0]
+
+    def open(self, table: str | None = None) -> CodeIndex:
+        """The table, following new versions at most every ``refresh_s`` seconds."""
+        name = table or self.default()
+        if not TABLE_NAME.match(name) or name.endswith("__manifest"):
+            raise NotFound(f"no code table {name[:80]!r}: table names are letters, digits, '_' and '-'")
+        with self._lock:
+            idx = self._open.get(name)
+            if idx is None:
+                try:
+                    idx = self._open[name] = CodeIndex.open(self.cfg.index, table=name, s3=self.cfg.s3)
+                except TableNotFoundError as err:
+                    raise NotFound(str(err)) from err
+            else:
+                idx.refresh(min_interval_s=self.cfg.refresh_s)
+        return idx
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each table's name, size, version, encoder and recipes (what ``GET /v1/tables`` answers)."""
+        out = []
+        for name in self.names():
+            idx = self.open(name)
+            out.append(
+                {
+                    "name": name,
+                    "rows": idx.count(),
+                    "version": idx.version,
+                    "encoder_id": idx.encoder_id,
+                    "encoder": idx.encoder.model_dump(mode="json"),
+                    "recipes": recipes_of(idx),
+                }
+            )
+        return out
