@@ -109,73 +109,91 @@ def _items_of(
     return kind.items(ctx, u, data), len(data), read_s
 
 
+class _ReadAhead:
+    """Whole objects fetched READ_AHEAD at a time on threads while earlier ones are decoded:
+    object-store GETs cost milliseconds each, which one-at-a-time reads would add up."""
+
+    def __init__(self, ctx: ReadContext, units: list[dict[str, Any]]) -> None:
+        self.ctx, self.units = ctx, units
+        self.wanted = [u for u, unit in enumerate(units) if not unit["error"] and kinds.get(unit["kind"]).whole_object]
+        self.order = {u: position for position, u in enumerate(self.wanted)}
+        self.fetches: dict[int, Future[tuple[bytes, float]]] = {}
+        self.pool = ThreadPoolExecutor(READ_AHEAD) if len(self.wanted) > 1 else None
+        for position in range(READ_AHEAD):
+            self._submit(position)
+
+    def _submit(self, position: int) -> None:
+        if self.pool is not None and position < len(self.wanted):
+            u = self.wanted[position]
+            self.fetches[u] = self.pool.submit(_read, self.ctx, str(self.units[u]["key"]))
+
+    def take(self, u: int) -> Future[tuple[bytes, float]] | None:
+        """Unit ``u``'s fetch, if it was read ahead; the next object's fetch starts in its place."""
+        if u in self.fetches:
+            self._submit(self.order[u] + READ_AHEAD)
+        return self.fetches.pop(u, None)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 def load(batch: dict[str, npt.NDArray[Any]], ctx: StageContext) -> dict[str, npt.NDArray[Any]]:
     """A batch of units -> item rows (model-ready images and index metadata)."""
     rows: list[dict[str, Any]] = []
     images: list[npt.NDArray[np.float32]] = []
-    blank = np.zeros(ctx.input_size, np.float32)
     units = [{k: v[u] for k, v in batch.items()} for u in range(len(batch["uri"]))]
-    # whole objects are fetched READ_AHEAD at a time on threads while earlier ones are decoded:
-    # object-store GETs cost milliseconds each, which one-at-a-time reads would add up
-    wanted = [u for u, unit in enumerate(units) if not unit["error"] and kinds.get(unit["kind"]).whole_object]
-    order = {u: position for position, u in enumerate(wanted)}
-    fetches: dict[int, Future[tuple[bytes, float]]] = {}
-    pool = ThreadPoolExecutor(READ_AHEAD) if len(wanted) > 1 else None
-
-    def ahead(position: int) -> None:
-        if pool is not None and position < len(wanted):
-            u = wanted[position]
-            fetches[u] = pool.submit(_read, ctx, str(units[u]["key"]))
-
-    for position in range(READ_AHEAD):
-        ahead(position)
-    for u, unit in enumerate(units):
-        unit_id = f"{unit['uri']}@{unit['unit_index']}"
-        t0 = time.perf_counter()
-        error, fault, nbytes, read_s = str(unit["error"]), str(unit.get("fault", "")), 0, 0.0
-        items: list[Item] = []
-        if u in fetches:
-            ahead(order[u] + READ_AHEAD)
-        if not error:
-            try:
-                items, nbytes, read_s = _items_of(ctx, unit, fetches.pop(u, None))
-            except Exception as err:
-                error, fault, items = error_text(err), fault_of(err), []
-        total_s = time.perf_counter() - t0
-        base = {
-            "uri": unit["uri"],
-            "etag": unit["etag"],
-            "kind": unit["kind"],
-            "unit_id": unit_id,
-            "object_units": int(unit["object_units"]),
-            "unit_rows": max(1, len(items)),
-        }
-        stats = {
-            "bytes_read": nbytes,
-            "read_s": read_s,
-            "prep_s": total_s - read_s + float(unit["plan_s"]),
-            "n_tiles": len(items) if kinds.get(unit["kind"]).tiles else 0,
-        }
-        side = json.loads(unit["meta"]) if unit["meta"] else {}
-        if not items:
-            rows.append({**base, **stats, "ok": False, "error": error, "fault": fault, "item_id": ""})
-            images.append(blank)
-            continue
-        for i, it in enumerate(items):
-            rows.append(
-                {
-                    **base,
-                    **({} if i else stats),
-                    "ok": True,
-                    "error": "",
-                    "item_id": unit["uri"] + it.suffix,
-                    **_columns({**it.meta, **side}),
-                }
-            )
-            images.append(it.image)
-    if pool is not None:
-        pool.shutdown()
+    ahead = _ReadAhead(ctx, units)
+    try:
+        for u, unit in enumerate(units):
+            t0 = time.perf_counter()
+            error, fault, nbytes, read_s = str(unit["error"]), str(unit.get("fault", "")), 0, 0.0
+            items: list[Item] = []
+            fetched = ahead.take(u)
+            if not error:
+                try:
+                    items, nbytes, read_s = _items_of(ctx, unit, fetched)
+                except Exception as err:
+                    error, fault, items = error_text(err), fault_of(err), []
+            stats = {
+                "bytes_read": nbytes,
+                "read_s": read_s,
+                "prep_s": time.perf_counter() - t0 - read_s + float(unit["plan_s"]),
+                "n_tiles": len(items) if kinds.get(unit["kind"]).tiles else 0,
+            }
+            rows += _unit_rows(unit, items, stats, error, fault)
+            images += [it.image for it in items] or [np.zeros(ctx.input_size, np.float32)]
+    finally:
+        ahead.close()
     return _to_columns(rows, np.stack(images).astype(np.float32, copy=False))
+
+
+def _unit_rows(
+    unit: dict[str, Any], items: list[Item], stats: dict[str, Any], error: str, fault: str
+) -> list[dict[str, Any]]:
+    """One row per item of a unit (its stats on the first), or one marker row carrying its error."""
+    base = {
+        "uri": unit["uri"],
+        "etag": unit["etag"],
+        "kind": unit["kind"],
+        "unit_id": f"{unit['uri']}@{unit['unit_index']}",
+        "object_units": int(unit["object_units"]),
+        "unit_rows": max(1, len(items)),
+    }
+    if not items:
+        return [{**base, **stats, "ok": False, "error": error, "fault": fault, "item_id": ""}]
+    side = json.loads(unit["meta"]) if unit["meta"] else {}
+    return [
+        {
+            **base,
+            **({} if i else stats),
+            "ok": True,
+            "error": "",
+            "item_id": unit["uri"] + it.suffix,
+            **_columns({**it.meta, **side}),
+        }
+        for i, it in enumerate(items)
+    ]
 
 
 def _columns(meta: dict[str, Any]) -> dict[str, Any]:
