@@ -369,6 +369,7 @@ def test_every_kind_thumbnail_renders_through_the_service(
     first: dict[str, dict[str, Any]] = {}  # one item of each top folder of the archive (one kind each)
     for r in idx.to_arrow(["item_id", "source_uri"]).to_pylist():
         first.setdefault(r["source_uri"][len(root) :].split("/")[0], r)
+    first.pop("bad", None)  # a quarantined object fixed by the retry test: one flat grey PNG
     picks: dict[str, str] = {}
     for r in first.values():
         key, suffix = r["source_uri"][len(root) :], itemid.split(r["item_id"], r["source_uri"])
