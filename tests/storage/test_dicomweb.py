@@ -276,13 +276,16 @@ def test_the_pacs_stopped_mid_run_is_an_unreachable_store(tmp_path: Path, data_d
             return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
         first = cli("o1")
-        assert first.stdout is not None
-        for line in first.stdout:  # "[medret] dicomweb+http://...: 60 objects (0 sidecars), 60 to index, ..."
+        assert first.stderr is not None
+        seen = []
+        for line in first.stderr:  # progress: "[medret] dicomweb+http://...: 60 objects (0 sidecars), 60 to index, ..."
+            seen.append(line)
             if "to index" in line:
                 assert "60 objects" in line, line
                 server.kill()
                 break
-        _, err = first.communicate(timeout=300)
+        _, rest = first.communicate(timeout=300)
+        err = "".join(seen) + rest
         assert first.returncode == 75, err[-3000:]
         assert f"the DICOMweb server {server.dicomweb}" in err and "unreachable" in err, err[-2000:]
         assert "Nothing was lost" in err and "same command" in err
@@ -332,7 +335,7 @@ def test_tls_is_verified_by_default(tmp_path: Path) -> None:
 
 def test_listing_pages_through_qido_and_a_series_route_makes_volumes(pacs: dict[str, Any]) -> None:
     from medret.config import DicomWebConfig
-    from medret.pipelines.config import DEFAULT_ROUTES, Route
+    from medret.pipelines.config import Route, default_routes
     from medret.pipelines.sources import list_source
     from medret.storage.dicomweb import DicomWebStore
     from medret.storage.uri import parse_uri
@@ -344,7 +347,7 @@ def test_listing_pages_through_qido_and_a_series_route_makes_volumes(pacs: dict[
     paged = DicomWebStore(root, DicomWebConfig(**cfg, page_size=2))
     assert list(paged.list()) == whole and len(whole) > 4  # pages of 2 series, and of 2 instances
     series = {i.key.rsplit("/instances/", 1)[0] for i in whole}
-    objects, _ = list_source(paged, [Route(pattern="studies/*", kind="dicom-series"), *DEFAULT_ROUTES])
+    objects, _ = list_source(paged, [Route(pattern="studies/*", kind="dicom-series"), *default_routes()])
     assert sorted(o.key for o in objects) == sorted(f"{s}/instances/" for s in series)
     assert all(o.kind == "dicom-series" and o.members for o in objects)
     # a filter narrows the listing on the server
