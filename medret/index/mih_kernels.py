@@ -30,7 +30,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from medret.index.search import _popcount
+from medret.index.search import _popcount, chunk_distances
 
 ROW_BITS = 32
 ROW_MASK = (1 << ROW_BITS) - 1
@@ -149,23 +149,10 @@ def scan(codes, rstart, rows, q, k, st, hist, buf, dist, cand):  # type: ignore[
     """Every distinct code of table 0 in turn: the linear scan, for queries probing would not help."""
     _reset(st, hist)
     cols = codes[0]
-    w = cols.shape[0]
     size = cols.shape[1]
     for c0 in range(0, size, CHUNK):
         nc = min(CHUNK, size - c0)
-        col = cols[0, c0 : c0 + nc]  # contiguous word columns: these loops vectorise
-        qj = q[0]
-        for r in range(nc):
-            dist[r] = _popcount(col[r] ^ qj)
-        for j in range(1, w):
-            col = cols[j, c0 : c0 + nc]
-            qj = q[j]
-            for r in range(nc):
-                dist[r] += _popcount(col[r] ^ qj)
-        lowest = dist[0]
-        for r in range(1, nc):
-            v = dist[r]
-            lowest = v if v < lowest else lowest
+        lowest = chunk_distances(cols, c0, nc, q, dist)
         if np.int64(lowest) > st[0]:
             continue
         nsel = _select(dist, nc, st[0], cand)

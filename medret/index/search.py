@@ -52,29 +52,35 @@ def _compact(buf_i, buf_d, nb, tau, below, k):  # type: ignore[no-untyped-def]
     return out
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def chunk_distances(cols, c0, nc, q, dist):  # type: ignore[no-untyped-def]
+    """Hamming distances of the ``nc`` codes from column ``c0`` of the word columns ``cols`` (w, n) to
+    the query words ``q``, into ``dist[:nc]``; returns the lowest. Branch-free: these loops vectorise."""
+    col = cols[0, c0 : c0 + nc]  # contiguous 1-D word columns
+    qj = q[0]
+    for r in range(nc):
+        dist[r] = _popcount(col[r] ^ qj)
+    for j in range(1, cols.shape[0]):
+        col = cols[j, c0 : c0 + nc]
+        qj = q[j]
+        for r in range(nc):
+            dist[r] += _popcount(col[r] ^ qj)
+    lowest = dist[0]
+    for r in range(1, nc):
+        v = dist[r]
+        lowest = v if v < lowest else lowest
+    return lowest
+
+
 @numba.njit(nogil=True, cache=True)
 def _scan(cols, lo, hi, q, k, hist, st, buf_i, buf_d, dist):  # type: ignore[no-untyped-def]
     tau = st[0]
     below = st[1]
     nb = st[2]
-    w = cols.shape[0]
     cap = buf_i.shape[0]
     for c0 in range(lo, hi, CHUNK):
         nc = min(CHUNK, hi - c0)
-        # contiguous 1-D word columns: these loops vectorise (XOR + popcount)
-        col = cols[0, c0 : c0 + nc]
-        qj = q[0]
-        for r in range(nc):
-            dist[r] = _popcount(col[r] ^ qj)
-        for j in range(1, w):
-            col = cols[j, c0 : c0 + nc]
-            qj = q[j]
-            for r in range(nc):
-                dist[r] += _popcount(col[r] ^ qj)
-        lowest = dist[0]
-        for r in range(1, nc):
-            v = dist[r]
-            lowest = v if v < lowest else lowest
+        lowest = chunk_distances(cols, c0, nc, q, dist)
         if lowest >= tau:
             continue
         for r in range(nc):
