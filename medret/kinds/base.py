@@ -13,6 +13,7 @@ entry-point group (``docs/kinds.md``).
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ import numpy.typing as npt
 
 from medret.errors import ConfigError, DataError
 from medret.io.base import DEFAULT_PIXEL_BUDGET
-from medret.preprocess.recipes import RECIPES, Prepared, Recipe
+from medret.preprocess.recipes import RECIPES, Prepared, Recipe, takes_option
 from medret.preprocess.wsi.tiling import TilingConfig
 from medret.storage.objects import ObjectStore
 
@@ -35,7 +36,8 @@ class ReadContext:
     """What reading and preparing an object needs; pickled into the job's Ray tasks.
 
     ``recipes`` maps kind -> recipe name exactly as recorded in the code table, so the job
-    and the service run the same function for each kind.
+    and the service run the same function for each kind. ``channels`` is the encoder's
+    (``EncoderConfig.channels``): 1 makes (H, W) grey inputs, 3 makes (H, W, 3) RGB.
     """
 
     store: ObjectStore | Any  # None for an upload, which reads nothing from a store
@@ -44,11 +46,31 @@ class ReadContext:
     tiling: TilingConfig
     cache_dir: str = ""
     pixel_budget: int = DEFAULT_PIXEL_BUDGET
+    channels: int = 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one model input: (H, W) grey, or (H, W, C)."""
+        return self.input_size if self.channels == 1 else (*self.input_size, self.channels)
 
     def recipe(self, kind: str) -> Recipe:
+        """The kind's recorded recipe, given this context's ``channels`` when it takes them.
+
+        A recipe without a ``channels`` keyword makes grey inputs only: asked for by a colour
+        encoder, it is refused here, naming the recipe and the kind.
+        """
         if kind not in self.recipes:
             raise ConfigError(f"no preprocessing recipe recorded for kind {kind!r} (have {sorted(self.recipes)})")
-        return RECIPES.get(self.recipes[kind])
+        name = self.recipes[kind]
+        fn = RECIPES.get(name)
+        if takes_option(fn, "channels"):
+            return functools.partial(fn, channels=self.channels)
+        if self.channels != 1:
+            raise ConfigError(
+                f"recipe {name!r} (kind {kind}) makes grey inputs only, but this encoder takes {self.channels} "
+                f"channels; index {kind} objects into a table of a 1-channel encoder"
+            )
+        return fn
 
     def sized(self, input_size: tuple[int, int]) -> ReadContext:
         return replace(self, input_size=input_size)

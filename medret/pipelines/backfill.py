@@ -66,6 +66,16 @@ def recipes_for(cfg: IndexJobConfig, encoder: EncoderConfig) -> dict[str, str]:
     return kinds.recipes_for(encoder.preprocess, cfg.recipes)
 
 
+def recorded_recipes(cfg: IndexJobConfig, encoder: EncoderConfig, recipes: dict[str, str]) -> dict[str, Any]:
+    """What the table records of this job's preprocessing: kind -> recipe, the slide tiling, and the options
+    the recipes were given beyond the encoder's input size (``channels``, only when not grey, so a grey
+    table records what it always did and takes more backfills)."""
+    out: dict[str, Any] = {"kinds": recipes, "tiling": cfg.tiling.model_dump(mode="json")}
+    if encoder.channels != 1:
+        out["options"] = {"channels": encoder.channels}
+    return out
+
+
 def _say(cfg: IndexJobConfig, msg: str) -> None:
     """A progress line, on stderr (stdout carries only the summary)."""
     if cfg.progress:
@@ -205,7 +215,7 @@ def _open_index(
             encoder,
             table=cfg.index.table,
             checkpoint=cfg.encoder if cfg.encoder == "default" else ckpt_path,
-            recipes={"kinds": recipes, "tiling": cfg.tiling.model_dump(mode="json")},
+            recipes=recorded_recipes(cfg, encoder, recipes),
             s3=cfg.s3,
             exist_ok=True,
         )
@@ -357,7 +367,12 @@ def _run_pipeline(
     ensure_ray(log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
     ctx = StageContext(
-        store=store, input_size=encoder.input_size, recipes=recipes, tiling=cfg.tiling, pixel_budget=cfg.pixel_budget
+        store=store,
+        input_size=encoder.input_size,
+        recipes=recipes,
+        tiling=cfg.tiling,
+        pixel_budget=cfg.pixel_budget,
+        channels=encoder.channels,
     )
     commits = Commits(cfg, index, manifest, known, summary, todo)
     ds = _objects_dataset(todo, cfg, ctx, ckpt, index.fragment_target())

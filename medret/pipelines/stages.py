@@ -28,7 +28,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from medret import kinds
-from medret.errors import MedretError, fault_of
+from medret.errors import DataError, MedretError, fault_of
 from medret.index.schema import METADATA_COLUMNS
 from medret.index.store import FragmentTarget
 from medret.kinds import Item, ReadContext, Unit
@@ -109,6 +109,18 @@ def _items_of(
     return kind.items(ctx, u, data), len(data), read_s
 
 
+def _checked(ctx: ReadContext, kind: str, items: list[Item]) -> list[Item]:
+    """The items, if each is one model input of the encoder's shape ((H, W) or (H, W, C)); one that is not
+    (a recipe that ignores ``channels``) fails its unit, not the batch it would be stacked with."""
+    for it in items:
+        if it.image.shape != ctx.input_shape:
+            raise DataError(
+                f"the {kind} recipe {ctx.recipes.get(kind, '?')!r} made an input of shape {it.image.shape} "
+                f"for item {it.suffix or '(whole object)'!r}; the encoder takes {ctx.input_shape}"
+            )
+    return items
+
+
 class _ReadAhead:
     """Whole objects fetched READ_AHEAD at a time on threads while earlier ones are decoded:
     object-store GETs cost milliseconds each, which one-at-a-time reads would add up."""
@@ -139,7 +151,7 @@ class _ReadAhead:
 
 
 def load(batch: dict[str, npt.NDArray[Any]], ctx: StageContext) -> dict[str, npt.NDArray[Any]]:
-    """A batch of units -> item rows (model-ready images and index metadata)."""
+    """A batch of units -> item rows (model-ready images, (H, W) or (H, W, C), and index metadata)."""
     rows: list[dict[str, Any]] = []
     images: list[npt.NDArray[np.float32]] = []
     units = [{k: v[u] for k, v in batch.items()} for u in range(len(batch["uri"]))]
@@ -153,6 +165,7 @@ def load(batch: dict[str, npt.NDArray[Any]], ctx: StageContext) -> dict[str, npt
             if not error:
                 try:
                     items, nbytes, read_s = _items_of(ctx, unit, fetched)
+                    items = _checked(ctx, str(unit["kind"]), items)
                 except Exception as err:
                     error, fault, items = error_text(err), fault_of(err), []
             stats = {
@@ -162,7 +175,7 @@ def load(batch: dict[str, npt.NDArray[Any]], ctx: StageContext) -> dict[str, npt
                 "n_tiles": len(items) if kinds.get(unit["kind"]).tiles else 0,
             }
             rows += _unit_rows(unit, items, stats, error, fault)
-            images += [it.image for it in items] or [np.zeros(ctx.input_size, np.float32)]
+            images += [it.image for it in items] or [np.zeros(ctx.input_shape, np.float32)]
     finally:
         ahead.close()
     return _to_columns(rows, np.stack(images).astype(np.float32, copy=False))

@@ -62,14 +62,18 @@ def to_grey(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 def resize_aspect(
     x: npt.NDArray[np.float32], size: tuple[int, int], spacing: tuple[float, float] | None = None
 ) -> tuple[npt.NDArray[np.float32], tuple[float, float] | None]:
-    """Fit ``x`` (H, W) inside ``size`` (H, W) keeping its aspect ratio, centred on a zero background.
+    """Fit ``x`` (H, W) or (H, W, C) inside ``size`` (H, W) keeping its aspect ratio, centred on a zero background.
 
-    Returns the letterboxed image and the new pixel spacing (mm), if the input had one.
+    Each channel is resized alone (bilinear, in float), so a colour image is letterboxed exactly as
+    each of its planes would be. Returns the letterboxed image and the new pixel spacing (mm), if
+    the input had one.
 
     >>> import numpy as np
     >>> out, sp = resize_aspect(np.ones((100, 50), np.float32), (28, 28), (0.2, 0.2))
     >>> out.shape, float(out[:, :7].max()), float(out[:, 7:21].min()), sp
     ((28, 28), 0.0, 1.0, (0.7142857142857143, 0.7142857142857143))
+    >>> resize_aspect(np.ones((100, 50, 3), np.float32), (28, 28))[0].shape
+    (28, 28, 3)
     """
     from PIL import Image
 
@@ -78,9 +82,57 @@ def resize_aspect(
     h, w = x.shape[:2]
     scale = min(size[0] / h, size[1] / w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = np.asarray(Image.fromarray(x.astype(np.float32), mode="F").resize((nw, nh), Image.Resampling.BILINEAR))
-    out = np.zeros(size, dtype=np.float32)
     top, left = (size[0] - nh) // 2, (size[1] - nw) // 2
-    out[top : top + nh, left : left + nw] = resized
     new_spacing = (spacing[0] * h / nh, spacing[1] * w / nw) if spacing else None
+    planes = [x] if x.ndim == 2 else [x[..., c] for c in range(x.shape[2])]
+    out = np.zeros((*size, *x.shape[2:]), dtype=np.float32)
+    for c, plane in enumerate(planes):
+        img = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
+        resized = np.asarray(img.resize((nw, nh), Image.Resampling.BILINEAR))
+        if x.ndim == 2:
+            out[top : top + nh, left : left + nw] = resized
+        else:
+            out[top : top + nh, left : left + nw, c] = resized
     return out, new_spacing
+
+
+#: the channel counts a 2-D recipe makes: grey, or RGB
+CHANNELS = (1, 3)
+
+
+def check_channels(recipe: str, channels: int) -> int:
+    """``channels`` if the recipe can make it (1: grey, 3: RGB), else a :class:`ConfigError` naming both.
+
+    >>> check_channels("xray", 3)
+    3
+    >>> check_channels("xray", 4)
+    Traceback (most recent call last):
+    ...
+    medret.errors.ConfigError: recipe 'xray' makes 1 (grey) or 3 (RGB) channel inputs; the encoder asks for channels=4
+    """
+    if channels not in CHANNELS:
+        raise ConfigError(
+            f"recipe {recipe!r} makes 1 (grey) or 3 (RGB) channel inputs; the encoder asks for channels={channels}"
+        )
+    return channels
+
+
+def fit(
+    x: npt.NDArray[np.float32], size: tuple[int, int], channels: int, spacing: tuple[float, float] | None = None
+) -> tuple[npt.NDArray[np.float32], tuple[float, float] | None]:
+    """An image in [0, 1] ((H, W) grey or (H, W, 3) RGB) -> the letterboxed model input with ``channels``.
+
+    One channel: turned grey first, then letterboxed to (H, W). Three: letterboxed in colour to
+    (H, W, 3); a grey image is letterboxed, then repeated in each channel (the same numbers as
+    letterboxing three equal planes), so the padding is zero in every channel either way.
+
+    >>> import numpy as np
+    >>> fit(np.ones((10, 5), np.float32), (8, 8), 3)[0].shape, fit(np.ones((10, 5, 3), np.float32), (8, 8), 1)[0].shape
+    ((8, 8, 3), (8, 8))
+    """
+    if channels == 1:
+        return resize_aspect(to_grey(x), size, spacing)
+    image, new_spacing = resize_aspect(x, size, spacing)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], channels, axis=2)
+    return image, new_spacing

@@ -21,11 +21,14 @@ from medret.serve.config import TABLE_NAME, ServiceConfig
 
 
 def recipes_of(idx: CodeIndex) -> dict[str, Any]:
-    """Kind -> recipe and the slide tiling, as recorded by the indexing job (defaults for older tables)."""
+    """Kind -> recipe, the slide tiling and the recipes' options (``channels``), as recorded by the indexing
+    job; defaults for older tables, and the encoder's own channel count where none was recorded (grey
+    tables, tables written before colour)."""
     rec = idx.recipes or {}
     chosen = {**kinds.default_recipes(idx.encoder.preprocess), **rec.get("kinds", {})}
     tiling = TilingConfig(**rec.get("tiling", {})).model_dump(mode="json")
-    return {"kinds": chosen, "tiling": tiling}
+    options = {"channels": idx.encoder.channels, **rec.get("options", {})}
+    return {"kinds": chosen, "tiling": tiling, "options": options}
 
 
 def read_context(
@@ -39,6 +42,7 @@ def read_context(
         recipes=rec["kinds"],
         tiling=TilingConfig(**rec["tiling"]),
         pixel_budget=pixel_budget,
+        channels=int(rec["options"]["channels"]),
     )
 
 

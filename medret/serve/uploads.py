@@ -25,7 +25,7 @@ from medret.kinds import ReadContext
 class Query:
     """One uploaded image, preprocessed for a table's encoder."""
 
-    image: npt.NDArray[np.float32]
+    image: npt.NDArray[np.float32]  # (H, W) grey, or (H, W, 3) for a colour encoder
     kind: str
     meta: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: "prepare" (decode + preprocess)
