@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
-from medret.cli.options import add_json
+from medret.cli.options import add_json, add_s3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", nargs="+", default=["medmnist-4"], metavar="NAME_OR_NPZ", help="'medmnist-4' or MedMNIST .npz files"
     )
+    parser.add_argument(
+        "--source",
+        metavar="URI",
+        help="score on a labelled archive instead (s3://bucket/prefix or a folder), split as 'medret train' splits it",
+    )
+    parser.add_argument("--labels", metavar="CSV", help="labels CSV for --source (default: sidecars in the source)")
+    parser.add_argument("--label-tag", metavar="KEYWORD", help="label from a DICOM attribute, e.g. BodyPartExamined")
+    parser.add_argument("--group-column", metavar="COL", help="CSV column naming the patient/study/slide")
+    parser.add_argument("--cache", metavar="URI", help="prepared-input cache (default: medret-out/train/cache)")
+    add_s3(parser)
     parser.add_argument(
         "--rerank",
         action="store_true",
@@ -36,15 +47,51 @@ def run(args: argparse.Namespace) -> int:
     from medret.eval.report import markdown, text
     from medret.train.data import load_split
 
-    split = load_split(args.data)
-    results = compare_encoders(args.encoders, split, rerank=args.rerank)
+    if args.source:
+        split, results = _on_archive(args)
+    else:
+        split = load_split(args.data)
+        results = compare_encoders(args.encoders, split, rerank=args.rerank)
     if args.plots:
         write_plots(Path(args.plots), split, results)
     public = without_codes(results)
     if args.markdown:
         Path(args.markdown).write_text(markdown(public))
     if args.json:
-        print(json.dumps({"data": args.data, "queries": len(split["query"]), "results": public}, indent=1))
+        data = args.source or args.data
+        print(json.dumps({"data": data, "queries": len(split["query"]), "results": public}, indent=1))
         return 0
     print(text(public), end="")
     return 0
+
+
+def _on_archive(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]]:
+    """Each encoder scored on the archive's gallery and query parts, prepared with its own recipe and geometry."""
+    from medret.config import S3Config
+    from medret.eval.compare import compare_encoders
+    from medret.models.encoder import checkpoint_config
+    from medret.models.pretrained import encoder_path
+    from medret.train.archive import archive_split, prepare
+    from medret.train.config import TrainConfig
+
+    fields = {
+        "source": args.source,
+        "labels": args.labels,
+        "label_tag": args.label_tag,
+        "group_column": args.group_column,
+        "cache": args.cache,
+        "s3": S3Config(endpoint_url=args.s3_endpoint) if args.s3_endpoint else None,
+    }
+    cfg = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
+    results: list[dict[str, Any]] = []
+    split = None
+    for spec in args.encoders:
+        if spec.startswith("pca-itq"):
+            geometry = cfg.geometry()
+        else:
+            enc = checkpoint_config(encoder_path(spec))
+            geometry = (enc.input_size, enc.channels, enc.preprocess)
+        archive = prepare(cfg, geometry)
+        split = archive_split(archive, cfg, ("train", "gallery", "query"))
+        results += compare_encoders([spec], split, rerank=args.rerank)
+    return split, results

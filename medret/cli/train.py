@@ -1,4 +1,4 @@
-"""``medret train``: train a hashing encoder with Ray Train on medmnist-4 or your own .npz files."""
+"""``medret train``: train a hashing encoder with Ray Train on medmnist-4, your .npz files, or your archive."""
 
 from __future__ import annotations
 
@@ -15,6 +15,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", nargs="+", metavar="NAME_OR_NPZ", help="'medmnist-4' (default) or MedMNIST-layout .npz files"
     )
+    parser.add_argument(
+        "--source",
+        metavar="URI",
+        help="train on an archive: s3://bucket/prefix or a folder, read like 'medret index' reads it",
+    )
+    parser.add_argument(
+        "--labels", metavar="CSV", help="labels CSV: path,label[,organ][,group] (default: sidecar CSVs in the source)"
+    )
+    parser.add_argument("--label-tag", metavar="KEYWORD", help="label from a DICOM attribute, e.g. BodyPartExamined")
+    parser.add_argument("--group-column", metavar="COL", help="CSV column naming the patient/study/slide")
+    parser.add_argument("--preset", help="start from a modality preset: xray, histology, mri, medmnist")
     parser.add_argument("--epochs", type=int, help="epochs (default: the method's own)")
     parser.add_argument("--batch-size", type=int, help="global batch size (default: the method's own)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the method's own)")
@@ -40,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method,
         "bits": args.bits,
         "data": args.data,
+        "source": args.source,
+        "labels": args.labels,
+        "label_tag": args.label_tag,
+        "group_column": args.group_column,
+        "preset": args.preset,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -57,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**report.summary(), "history": report.history}, indent=1))
         return 0
-    data = ", ".join(cfg.data)
+    data = cfg.source or ", ".join(cfg.data)
     print(f"trained {cfg.method} at {cfg.bits} bits on {data} in {report.seconds:.0f} s ({report.hardware})")
     for h in report.history:
         mark = " *" if int(h["epoch"]) == report.best_epoch else ""

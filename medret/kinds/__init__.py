@@ -136,8 +136,15 @@ def default_routes() -> list[tuple[str, str]]:
 
 
 def default_recipes(encoder_recipe: str) -> dict[str, str]:
-    """Kind -> recipe: each kind's own default, the encoder's recipe for kinds without one."""
-    return {k.name: k.default_recipe or encoder_recipe for k in indexed()}
+    """Kind -> recipe: each kind's own default, the encoder's recipe for kinds without one where it
+    takes what they give (images), else ``medmnist``, the plain image recipe (an encoder made for
+    slide tiles reads a tile saved as PNG that way: letterboxed, in its colour)."""
+    from medret.preprocess.recipes import RECIPE_INPUTS
+
+    def fallback(k: Kind) -> str:
+        return encoder_recipe if RECIPE_INPUTS.get(encoder_recipe, "image") == k.recipe_input else "medmnist"
+
+    return {k.name: k.default_recipe or fallback(k) for k in indexed()}
 
 
 def auto() -> Kind:

@@ -23,6 +23,8 @@ class TaskInfo:
     channels: int = 1
     input_size: tuple[int, int] = (28, 28)
     fine_bits: int = 0  # similarity bits, fitted after training; the losses train the rest
+    mean: tuple[float, ...] | None = None  # input normalisation (a pretrained backbone's); default 0.5 / 0.25
+    std: tuple[float, ...] | None = None
 
     @property
     def semantic_bits(self) -> int:
@@ -62,8 +64,8 @@ class Method(nn.Module):
             task.bits,
             n_classes=n_head,
             fine_bits=task.fine_bits,
-            mean=(0.5,) * task.channels,
-            std=(0.25,) * task.channels,
+            mean=task.mean or (0.5,) * task.channels,
+            std=task.std or (0.25,) * task.channels,
         )
 
     def forward(

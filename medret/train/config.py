@@ -8,6 +8,19 @@ from typing import Any, Literal, cast
 from pydantic import Field, field_validator, model_validator
 
 from medret.config import Frozen, S3Config
+from medret.preprocess.wsi.tiling import TilingConfig
+
+#: methods that fit codes without gradient training (run in the driver, no Ray Train workers)
+TRAINING_FREE = ("frozen-itq",)
+#: DICOM attributes ``label_tag`` may name (those the DICOM reader records; nothing identifying)
+LABEL_TAGS = (
+    "BodyPartExamined",
+    "ViewPosition",
+    "ImageLaterality",
+    "Modality",
+    "PhotometricInterpretation",
+    "SOPClassUID",
+)
 
 
 class TrainConfig(Frozen):
@@ -19,6 +32,30 @@ class TrainConfig(Frozen):
         default_factory=lambda: ["medmnist-4"],
         description="'medmnist-4' or MedMNIST-layout .npz files (each file becomes an organ)",
     )
+    source: str = Field(
+        default="",
+        description="train on an archive instead: s3://bucket/prefix or a local folder, read through the kinds "
+        "and the encoder's recipe (replaces 'data')",
+    )
+    labels: str = Field(default="", description="labels CSV (path,label[,organ][,group]); default: sidecars in source")
+    label_column: str = Field(default="label", description="the labels CSV column that holds the class")
+    label_tag: str = Field(default="", description=f"take the label from a DICOM attribute: one of {LABEL_TAGS}")
+    group_column: str = Field(
+        default="", description="column naming the patient/study/slide (default: the first of patient_id, ... present)"
+    )
+    cache: str = Field(default="", description="prepared-input cache (default: storage_path/cache)")
+    data_cpus: float = Field(
+        default=1.0, gt=0, description="CPUs kept free for the Ray Data tasks that stream an archive to the workers"
+    )
+    tiling: TilingConfig = Field(default_factory=TilingConfig, description="how slides in the source are tiled")
+    input_size: tuple[int, int] | None = Field(default=None, description="model input size (default: 28x28)")
+    channels: int | None = Field(default=None, ge=1, le=3, description="1 grey or 3 RGB (default: 1)")
+    recipe: str | None = Field(default=None, description="preprocessing recipe for images (default: medmnist)")
+    preset: str = Field(default="", description="start from a modality preset: xray, histology, mri, medmnist")
+    modality: str = Field(default="any", description="what the encoder is for (recorded; routes uploads)")
+    augmentation: str | None = Field(default=None, description="registered augmentation (default: medmnist's)")
+    mean: tuple[float, ...] | None = Field(default=None, description="input normalisation (default: 0.5 per channel)")
+    std: tuple[float, ...] | None = Field(default=None, description="input normalisation (default: 0.25 per channel)")
     epochs: int | None = Field(default=None, ge=1, description="default: the method's own")
     batch_size: int | None = Field(default=None, ge=2, description="global batch; default: the method's own")
     lr: float | None = Field(default=None, gt=0)
@@ -77,6 +114,70 @@ class TrainConfig(Frozen):
             out.append(str(p.resolve()))
         return out
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_preset(cls, data: Any) -> Any:
+        """Fields a preset fixes (architecture, input, normalisation, recipe...), where the run leaves them unset."""
+        if not isinstance(data, dict) or not data.get("preset"):
+            return data
+        from medret.errors import UnknownNameError
+        from medret.models.presets import get_preset
+
+        try:
+            p = get_preset(str(data["preset"]))
+        except UnknownNameError as err:
+            raise ValueError(str(err)) from None
+        fixed = {
+            "architecture": p.architecture,
+            "arch": dict(p.arch),
+            "input_size": p.input_size,
+            "channels": p.channels,
+            "mean": p.mean,
+            "std": p.std,
+            "recipe": p.recipe,
+            "augmentation": p.augmentation,
+            "modality": p.modality,
+            "method": p.method,
+        }
+        out = {
+            **{k: v for k, v in fixed.items() if data.get(k) is None},
+            **{k: v for k, v in data.items() if v is not None},
+        }
+        if "mpp" in p.recipe_args and "tiling" not in data:
+            out["tiling"] = {"mpp": p.recipe_args["mpp"]}
+        return out
+
+    @field_validator("label_tag")
+    @classmethod
+    def _tag(cls, v: str) -> str:
+        if v and v not in LABEL_TAGS:
+            raise ValueError(f"must be one of {', '.join(LABEL_TAGS)}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainConfig:
+        if self.source and self.data != ["medmnist-4"]:
+            raise ValueError("give either 'source' (an archive) or 'data' (.npz files), not both")
+        if not self.source and (self.labels or self.label_tag):
+            raise ValueError("'labels' and 'label_tag' need a 'source' archive")
+        return self
+
+    @property
+    def label_free(self) -> bool:
+        """The method learns without labels (self-supervised): labels are withheld from it."""
+        from medret.methods import METHODS
+
+        if self.method in TRAINING_FREE:
+            return True
+        return not getattr(METHODS.get(self.method), "uses_labels", True)
+
+    def cache_path(self) -> str:
+        return self.cache or f"{self.storage_path.rstrip('/')}/cache"
+
+    def geometry(self) -> tuple[tuple[int, int], int, str]:
+        """``(input_size, channels, recipe)`` of the encoder this run trains."""
+        return (self.input_size or (28, 28), self.channels or 1, self.recipe or "medmnist")
+
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: int) -> int:
@@ -95,10 +196,14 @@ class TrainConfig(Frozen):
         from medret.errors import UnknownNameError
         from medret.methods import METHODS
 
+        if self.method in TRAINING_FREE:
+            if not self.architecture:
+                raise ValueError(f"method {self.method!r} needs an architecture (a backbone): give a preset")
+            return self
         try:
             METHODS.get(self.method)
         except UnknownNameError as err:
-            raise ValueError(str(err)) from None
+            raise ValueError(f"{err}; or training-free: {', '.join(TRAINING_FREE)}") from None
         return self
 
     def resolved_fine_bits(self) -> int:

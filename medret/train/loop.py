@@ -19,13 +19,14 @@ import numpy.typing as npt
 import torch
 
 from medret.errors import ConfigError
-from medret.eval.benchmarks import Part, RetrievalSplit
+from medret.eval.benchmarks import Part
 from medret.eval.retrieval import leave_one_out_map
 from medret.methods import METHODS, Method
 from medret.models.encoder import EncoderConfig
 from medret.models.hashnet import HashNet, TorchHashEncoder
 from medret.train.config import TrainConfig
-from medret.train.data import Labels, augment, batches, epoch_indices, load_split, task_info, to_tensor
+from medret.train.data import augment, to_tensor
+from medret.train.feeds import Feed, open_feed
 
 log = logging.getLogger(__name__)
 STATE = "state.pt"
@@ -41,8 +42,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def encoder_config(cfg: TrainConfig, method: Method, organs: list[str], n_labels: int) -> EncoderConfig:
+def encoder_config(cfg: TrainConfig, method: Method, feed: Feed) -> EncoderConfig:
     head = method.encoder.classifier
+    _, _, recipe = cfg.geometry()
+    provenance: dict[str, Any] = {"source": cfg.source, "labels": cfg.labels or cfg.label_tag} if cfg.source else {}
+    if cfg.source:
+        provenance["classes"] = feed.archive.classes  # type: ignore[attr-defined]
     return EncoderConfig(
         name="hashnet",
         architecture=cfg.resolved("architecture"),
@@ -51,24 +56,27 @@ def encoder_config(cfg: TrainConfig, method: Method, organs: list[str], n_labels
         channels=method.task.channels,
         mean=tuple(method.encoder.mean.flatten().tolist()),
         std=tuple(method.encoder.std.flatten().tolist()),
-        modality="any",
-        preprocess="medmnist",
+        modality=cfg.modality,
+        preprocess=recipe,
         method=cfg.method,
         extra={
             "arch": cfg.resolved("arch"),
             "n_classes": head.out_features if head is not None else 0,
             "fine_bits": method.task.fine_bits,
-            "organs": organs,
-            "labels": n_labels,
-            "data": cfg.data,
+            "organs": feed.organs,
+            "labels": feed.n_classes,
+            "data": [] if cfg.source else cfg.data,
+            **({"preset": cfg.preset} if cfg.preset else {}),
+            **provenance,
         },
     )
 
 
-def training_features(net: HashNet, images: npt.NDArray[np.uint8], sample: npt.NDArray[np.int64]) -> torch.Tensor:
-    """Backbone features of ``images[sample]``, in chunks."""
+def training_features(net: HashNet, images: npt.NDArray[np.uint8]) -> torch.Tensor:
+    """Backbone features of ``images``, in chunks."""
     with torch.inference_mode():
-        return torch.cat([net.forward_features(to_tensor(images[c])) for c in np.array_split(sample, 10)])
+        chunks = max(10, images.size // (8 << 20))  # 10 as always for small images; ~8M pixels each for large ones
+        return torch.cat([net.forward_features(to_tensor(c)) for c in np.array_split(images, chunks)])
 
 
 def lr_lambda(total_steps: int, warmup: int) -> Any:
@@ -149,9 +157,7 @@ class WorkerRun:
     cfg: TrainConfig
     rank: int
     world: int
-    split: RetrievalSplit
-    labels: Labels
-    train_label: npt.NDArray[np.int64]  # the combined label of each training item
+    feed: Feed
     method: Method
     model: Any  # ``method`` as Ray Train prepared it (DDP-wrapped with several workers)
     device: torch.device
@@ -166,9 +172,9 @@ class WorkerRun:
     val_batch: tuple[torch.Tensor, ...]
 
 
-def build_method(cfg: TrainConfig, split: RetrievalSplit) -> Method:
+def build_method(cfg: TrainConfig, feed: Feed) -> Method:
     return METHODS.get(cfg.method)(
-        task_info(split, cfg.bits, cfg.resolved_fine_bits()),
+        feed.task_info(cfg.bits, cfg.resolved_fine_bits()),
         cfg.resolved("architecture"),
         cfg.resolved("arch"),
         cfg.hyper,
@@ -213,10 +219,14 @@ def resume(
     return start_epoch, list(json.loads(state["history"]))
 
 
-def validation_batch(cfg: TrainConfig, val: Part, labels: Labels) -> tuple[torch.Tensor, ...]:
-    """A fixed validation batch: its loss, unlike the training loss of a mining method, is comparable across epochs."""
+def validation_batch(cfg: TrainConfig, val: Part) -> tuple[torch.Tensor, ...]:
+    """A fixed validation batch: its loss, unlike the training loss of a mining method, is comparable across epochs.
+    ``val.label`` is the combined label; a label-free method sees -1 for organ and label."""
     vb = np.sort(np.random.default_rng(cfg.seed).choice(len(val), min(256, len(val)), replace=False))
-    return to_tensor(val.images[vb]), torch.from_numpy(val.organ[vb]), torch.from_numpy(labels.combined(val)[vb])
+    organ, label = torch.from_numpy(val.organ[vb]), torch.from_numpy(val.label[vb])
+    if cfg.label_free:
+        organ, label = torch.full_like(organ, -1), torch.full_like(label, -1)
+    return to_tensor(val.images[vb]), organ, label
 
 
 def setup(loop_config: dict[str, Any]) -> WorkerRun:
@@ -229,10 +239,9 @@ def setup(loop_config: dict[str, Any]) -> WorkerRun:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(loop_config.get("threads", 1)))
     seed_everything(cfg.seed)  # identical initial weights on every worker
-    split = load_split(cfg.data)
-    labels = Labels.of(split)
-    method = build_method(cfg, split)
-    b = budget(cfg, len(split["train"]), world)
+    feed = open_feed(cfg, loop_config.get("archive"))
+    method = build_method(cfg, feed)
+    b = budget(cfg, feed.n_train, world)
     state = restore(cfg, method, ray.train.get_checkpoint())
     model = ray.train.torch.prepare_model(method)
     device = ray.train.torch.get_device()
@@ -244,9 +253,7 @@ def setup(loop_config: dict[str, Any]) -> WorkerRun:
         cfg=cfg,
         rank=rank,
         world=world,
-        split=split,
-        labels=labels,
-        train_label=labels.combined(split["train"]),
+        feed=feed,
         method=method,
         model=model,
         device=device,
@@ -257,19 +264,36 @@ def setup(loop_config: dict[str, Any]) -> WorkerRun:
         budget=b,
         start_epoch=start_epoch,
         history=history,
-        enc_config=encoder_config(cfg, method, split.organs, labels.n_classes),
-        val_batch=validation_batch(cfg, split["val"], labels),
+        enc_config=encoder_config(cfg, method, feed),
+        val_batch=validation_batch(cfg, feed.val()),
     )
 
 
-def train_step(run: WorkerRun, b: npt.NDArray[np.int64], gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """One optimizer step on the training items ``b``; returns the loss and the method's logs."""
-    train = run.split["train"]
-    x = to_tensor(train.images[b])
-    if run.cfg.augment:
-        x = augment(x, gen)
-    organ = torch.from_numpy(train.organ[b]).to(run.device)
-    label = torch.from_numpy(run.train_label[b]).to(run.device)
+def augmentation(cfg: TrainConfig) -> Any:
+    """The run's augmentation: by name (``cfg.augmentation``, a preset's), else the MedMNIST default."""
+    if not cfg.augmentation:
+        return augment
+    from medret.train.augment import AUGMENTATIONS
+
+    return AUGMENTATIONS.get(cfg.augmentation)
+
+
+def train_step(
+    run: WorkerRun,
+    images: npt.NDArray[Any],
+    organ_: npt.NDArray[np.int64],
+    label_: npt.NDArray[np.int64],
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step on a batch; returns the loss and the method's logs. A method that makes its own
+    views gets the batch un-augmented; a label-free method gets -1 for organ and label."""
+    x = to_tensor(images)
+    if run.cfg.augment and not getattr(run.method, "self_augments", False):
+        x = augmentation(run.cfg)(x, gen)
+    if run.cfg.label_free:
+        organ_, label_ = np.full_like(organ_, -1), np.full_like(label_, -1)
+    organ = torch.from_numpy(np.array(organ_, np.int64)).to(run.device)
+    label = torch.from_numpy(np.array(label_, np.int64)).to(run.device)
     with run.amp:
         loss, logs = run.model(x.to(run.device, non_blocking=True), organ, label)
     run.optimizer.zero_grad(set_to_none=True)
@@ -285,17 +309,16 @@ def train_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
     """This worker's share of one epoch; returns the mean losses and the throughput."""
     cfg, b = run.cfg, run.budget
     run.model.train()
-    organ = run.split["train"].organ
-    idx = epoch_indices(organ, balance=cfg.organ_balance, samples=b.samples, seed=cfg.seed * 100_003 + epoch)
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1009 + run.rank)
     sums: dict[str, float] = {}
     t0, seen, step = time.perf_counter(), 0, 0
-    for step, items in enumerate(batches(idx, batch_size=b.batch_size, rank=run.rank, world=run.world)):
+    feed = run.feed.epoch(epoch, batch_size=b.batch_size, samples=b.samples, rank=run.rank, world=run.world)
+    for step, (images, organ, label) in enumerate(feed):
         if step >= b.steps:
             break
-        for k, v in train_step(run, items, gen).items():
+        for k, v in train_step(run, images, organ, label, gen).items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
-        seen += len(items)
+        seen += len(images)
     elapsed = time.perf_counter() - t0
     metrics: dict[str, Any] = {k: v / max(1, step) for k, v in sums.items()}
     metrics.update(
@@ -310,14 +333,12 @@ def train_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
 
 def export_encoder(run: WorkerRun) -> TorchHashEncoder:
     """The method's encoder as exported: a copy on the CPU, its bits balanced and fine bits fitted when asked."""
-    cfg, train = run.cfg, run.split["train"]
+    cfg = run.cfg
     net = copy.deepcopy(run.method.encoder).cpu().eval()
     if cfg.resolved("bit_balance", False):  # thresholds from the training mix the run sampled
-        sample = epoch_indices(train.organ, balance=cfg.organ_balance, samples=10_000, seed=cfg.seed + 1)
-        net.balance_bits(training_features(net, train.images, sample))
+        net.balance_bits(training_features(net, run.feed.train_sample(10_000, cfg.seed + 1, balanced=True)))
     if run.method.task.fine_bits:
-        sample = np.random.default_rng(cfg.seed).choice(len(train), min(len(train), 10_000), replace=False)
-        net.fit_fine(training_features(net, train.images, sample), seed=cfg.seed)
+        net.fit_fine(training_features(net, run.feed.train_sample(10_000, cfg.seed, balanced=False)), seed=cfg.seed)
     return TorchHashEncoder.from_module(net, run.enc_config)
 
 
@@ -342,11 +363,11 @@ def report_epoch(run: WorkerRun, epoch: int, metrics: dict[str, Any]) -> None:
     if run.rank != 0:
         ray.train.report({**metrics, "val_map100": float("nan"), "val_loss": float("nan")}, checkpoint=None)
         return
-    val = run.split["val"]
+    val = run.feed.val()
     metrics["val_loss"] = fixed_batch_loss(run.method, run.val_batch, run.device)
     encoder = export_encoder(run)
     codes = encoder.encode(val.images)
-    metrics["val_map100"] = leave_one_out_map(codes, run.labels.combined(val), run.cfg.val_queries)
+    metrics["val_map100"] = leave_one_out_map(codes, val.label, run.cfg.val_queries)
     run.history.append(metrics)
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(run, epoch, metrics, encoder, Path(tmp))

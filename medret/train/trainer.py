@@ -12,7 +12,9 @@ import math
 import os
 import platform
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from medret.errors import ConfigError
 from medret.runtime import ensure_ray
 from medret.storage.s3 import arrow_filesystem
 from medret.storage.uri import parse_uri
-from medret.train.config import TrainConfig
+from medret.train.config import TRAINING_FREE, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ def worker_resources(cfg: TrainConfig, cluster: dict[str, float]) -> tuple[dict[
 
     On CPU the default is an even share of the cluster's CPUs, at most 1 each, never the whole
     machine per worker: an actor that takes a whole core on a 2-core machine starves Ray's own
-    tasks, and a request larger than the cluster waits forever without an error.
+    tasks, and a request larger than the cluster waits forever without an error. An archive run
+    leaves ``data_cpus`` to the Ray Data tasks that stream its rows to the workers.
 
     >>> worker_resources(TrainConfig(num_workers=2), {"CPU": 2.0})
     ({'CPU': 0.9}, 1)
@@ -63,7 +66,7 @@ def worker_resources(cfg: TrainConfig, cluster: dict[str, float]) -> tuple[dict[
     ...
     medret.errors.ConfigError: num_workers=3 x cpus_per_worker=1.0 needs 3 CPUs but the cluster has 2; lower ...
     """
-    cpus = float(cluster.get("CPU", 0))
+    cpus = float(cluster.get("CPU", 0)) - (cfg.data_cpus if cfg.source else 0.0)
     gpus = float(cluster.get("GPU", 0))
     if cfg.use_gpu and gpus < cfg.num_workers:
         raise ConfigError(
@@ -78,7 +81,9 @@ def worker_resources(cfg: TrainConfig, cluster: dict[str, float]) -> tuple[dict[
     if per * cfg.num_workers > cpus + 1e-9 or per <= 0:
         raise ConfigError(
             f"num_workers={cfg.num_workers} x cpus_per_worker={per} needs {per * cfg.num_workers:g} CPUs "
-            f"but the cluster has {cpus:g}; lower num_workers or cpus_per_worker"
+            f"but the cluster has {cpus:g}"
+            + (f" after the {cfg.data_cpus:g} kept for streaming the archive" if cfg.source else "")
+            + "; lower num_workers or cpus_per_worker"
         )
     resources = {"CPU": per}
     if cfg.use_gpu:
@@ -110,6 +115,102 @@ def check_init(cfg: TrainConfig) -> None:
         raise ConfigError(f"init {cfg.init!r} ({path}) is {got}, but this run trains {want}")
 
 
+def output_dir(cfg: TrainConfig) -> Path:
+    """Where ``encoder.npz``, the history and the resolved config go (local), with the resolved config saved."""
+    _, storage = arrow_filesystem(cfg.storage_path, cfg.s3)
+    if not parse_uri(cfg.storage_path).is_s3:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    output = Path(cfg.output or (storage if not parse_uri(cfg.storage_path).is_s3 else "medret-out/train")) / (
+        "" if cfg.output else cfg.run_name()
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, output)
+    return output
+
+
+def stamp_provenance(path: Path, cfg: TrainConfig, metrics: dict[str, Any]) -> None:
+    """Record in the encoder's own config where it came from: data, command and metrics."""
+    from medret.models.encoder import load_encoder
+
+    encoder: Any = load_encoder(path)
+    data = {"source": cfg.source, "labels": cfg.labels or cfg.label_tag or "sidecar"} if cfg.source else cfg.data
+    record = {"data": data, "command": " ".join(["medret", *sys.argv[1:]]) if sys.argv else "", "metrics": metrics}
+    record["trained_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    encoder.config = encoder.config.model_copy(update={"extra": {**encoder.config.extra, "provenance": record}})
+    encoder.save(path)
+
+
+def image_batches(cfg: TrainConfig, limit: int, batch: int = 256) -> Iterator[Any]:
+    """Training images for a fit without gradients, in batches: the archive's train part, or the split's."""
+    if cfg.source:
+        from medret.train.archive import iter_part, prepare
+
+        archive = prepare(cfg, cfg.geometry())
+        yield from iter_part(archive, "train", cfg, batch_size=batch, limit=limit)
+        return
+    from medret.train.feeds import MemoryFeed
+
+    images = MemoryFeed(cfg).train_sample(limit, cfg.seed, balanced=False)
+    for i in range(0, len(images), batch):
+        yield images[i : i + batch]
+
+
+def fit_training_free(cfg: TrainConfig) -> TrainReport:
+    """``frozen-itq``: the preset's pretrained backbone, frozen, and PCA-ITQ codes fitted on its features
+    of the training images (no labels, no workers; minutes on a CPU)."""
+    import torch
+
+    from medret.models.encoder import EncoderConfig
+    from medret.models.frozen import fit_frozen_itq
+
+    output = output_dir(cfg)
+    input_size, channels, recipe = cfg.geometry()
+    config = EncoderConfig(
+        name="hashnet",
+        architecture=str(cfg.architecture),
+        bits=cfg.bits,
+        input_size=input_size,
+        channels=channels,
+        mean=cfg.mean or (0.5,) * channels,
+        std=cfg.std or (0.25,) * channels,
+        modality=cfg.modality,
+        preprocess=recipe,
+        method=cfg.method,
+        extra={"arch": dict(cfg.arch or {}), **({"preset": cfg.preset} if cfg.preset else {})},
+    )
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    limit = cfg.samples_per_epoch or 20_000
+    t0 = time.perf_counter()
+    encoder = fit_frozen_itq(config, image_batches(cfg, limit), max_samples=limit, seed=cfg.seed)
+    seconds = time.perf_counter() - t0
+    encoder.save(output / "encoder.npz")
+    samples = int(encoder.config.extra.get("fit", {}).get("samples", 0))
+    stamp_provenance(output / "encoder.npz", cfg, {"samples": samples, "fit_seconds": round(seconds, 1)})
+    history = [{"epoch": 0, "samples": samples, "samples_per_s_worker": samples / max(seconds, 1e-9)}]
+    report = TrainReport(output / "encoder.npz", output, 0, history, seconds, f"driver on {platform.machine()}")
+    (output / "train.json").write_text(json.dumps(report.summary(), indent=1))
+    return report
+
+
+def prepare_source(cfg: TrainConfig) -> tuple[str | None, dict[str, Any] | None]:
+    """For an archive run: prepare it (or reuse its cache) and give the workers its training rows to stream."""
+    if not cfg.source:
+        return None, None
+    import ray.data
+
+    from medret.train.archive import part_dataset, prepare
+
+    archive = prepare(cfg, cfg.geometry())
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log.info("archive %s: %s items (%d unreadable objects left out)", cfg.source, archive.counts, len(archive.skipped))
+    if archive.counts["train"] < int(cfg.resolved("batch_size")):
+        raise ConfigError(
+            f"source {cfg.source!r} has {archive.counts['train']} training items, fewer than one batch "
+            f"({cfg.resolved('batch_size')}); lower batch_size or add images"
+        )
+    return archive.to_json(), {"train": part_dataset(archive, "train", cfg)}
+
+
 def fit(cfg: TrainConfig) -> TrainReport:
     """Train ``cfg`` through Ray Train and export the best epoch's encoder to ``output/encoder.npz``."""
     import ray
@@ -118,20 +219,18 @@ def fit(cfg: TrainConfig) -> TrainReport:
 
     from medret.train.loop import ENCODER, META, train_loop
 
+    if cfg.method in TRAINING_FREE:
+        return fit_training_free(cfg)
     check_init(cfg)
     ensure_ray()
     resources, threads = worker_resources(cfg, ray.cluster_resources())
+    archive, datasets = prepare_source(cfg)
     fs, storage = arrow_filesystem(cfg.storage_path, cfg.s3)
-    if not parse_uri(cfg.storage_path).is_s3:
-        Path(storage).mkdir(parents=True, exist_ok=True)
-    output = Path(cfg.output or (storage if not parse_uri(cfg.storage_path).is_s3 else "medret-out/train")) / (
-        "" if cfg.output else cfg.run_name()
-    )
-    output.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, output)
+    output = output_dir(cfg)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "threads": threads},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "threads": threads, "archive": archive},
+        datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run_name(),
@@ -146,9 +245,14 @@ def fit(cfg: TrainConfig) -> TrainReport:
     seconds = time.perf_counter() - t0
     if result.error:
         raise result.error
-    best = max(result.best_checkpoints or [], key=lambda cm: (cm[1].get("val_map100", -1.0), cm[1]["epoch"]))
+    if cfg.label_free:  # choosing an epoch by labelled validation would use labels: the last one stands
+        best = max(result.best_checkpoints or [], key=lambda cm: cm[1]["epoch"])
+    else:
+        best = max(result.best_checkpoints or [], key=lambda cm: (cm[1].get("val_map100", -1.0), cm[1]["epoch"]))
     with best[0].as_directory() as d:
         shutil.copy(Path(d) / ENCODER, output / ENCODER)
+    metrics = {"best_epoch": int(best[1]["epoch"]), "val_map100": best[1].get("val_map100")}
+    stamp_provenance(output / ENCODER, cfg, metrics)
     latest = max(result.best_checkpoints or [], key=lambda cm: cm[1]["epoch"])
     with latest[0].as_directory() as d:
         all_history = json.loads((Path(d) / META).read_text())["history"]

