@@ -16,6 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_table(parser)
     parser.add_argument("--checkpoint", help="encoder: 'default' (shipped), an encoder.npz or a training folder")
     parser.add_argument(
+        "--encoder",
+        action="append",
+        default=[],
+        metavar="[KIND=]ENCODER",
+        help="ENCODER alone: one encoder for everything (as --checkpoint); KIND=ENCODER (repeatable): objects of "
+        "KIND go to that encoder, which writes a table of its own (<table>-<preset or name>-<bits>b, or "
+        "--set tables.KIND=NAME), e.g. --encoder wsi=histology.npz --encoder dicom=xray.npz; "
+        "default=ENCODER for every other kind",
+    )
+    parser.add_argument(
         "--incremental", action="store_true", default=None, help="also remove items of objects deleted from the source"
     )
     parser.add_argument(
@@ -43,11 +53,16 @@ def config_from(args: argparse.Namespace, **extra: object) -> object:
     from medret.config import load_config
     from medret.pipelines.config import IndexJobConfig
 
+    plain, routed = _encoders(args.encoder)
+    if plain and args.checkpoint:
+        from medret.errors import ConfigError
+
+        raise ConfigError(f"--checkpoint {args.checkpoint} and --encoder {plain} both name the one encoder; give one")
     overrides: dict[str, object] = {
         "source": args.source,
         "index.uri": args.index,
         "index.table": args.table,
-        "encoder": args.checkpoint,
+        "encoder": plain or args.checkpoint,
         "incremental": args.incremental,
         "force": args.force,
         "on_error": args.on_error,
@@ -60,7 +75,41 @@ def config_from(args: argparse.Namespace, **extra: object) -> object:
     }
     if args.route:
         overrides["routes"] = [_route(r) for r in args.route]
+    for kind, spec in routed.items():
+        overrides[f"encoders.{kind}"] = spec
     return load_config(IndexJobConfig, args.config, overrides=overrides)
+
+
+def _encoders(given: list[str]) -> tuple[str | None, dict[str, str]]:
+    """``--encoder`` values: the one plain ENCODER (or None) and KIND -> ENCODER.
+
+    >>> _encoders(["default", "wsi=histology.npz", "*=x.npz"])
+    ('default', {'wsi': 'histology.npz', '*': 'x.npz'})
+    """
+    from pathlib import Path
+
+    from medret import kinds
+    from medret.errors import ConfigError
+    from medret.pipelines.config import DEFAULT_ROUTE
+
+    keys = [*(k.name for k in kinds.indexed()), *DEFAULT_ROUTE]
+    plain: list[str] = []
+    routed: dict[str, str] = {}
+    for text in given:
+        kind, sep, spec = text.partition("=")
+        if sep and kind in keys and spec:
+            routed[kind] = spec
+        elif sep and not Path(text).exists():
+            raise ConfigError(
+                f"--encoder {text!r}: {kind!r} is not a kind; give KIND=ENCODER with a kind of {', '.join(keys)}, "
+                "or one ENCODER for everything"
+            )
+        else:
+            plain.append(text)
+    if len(plain) > 1:
+        said = ", ".join(plain)
+        raise ConfigError(f"--encoder: one encoder for everything, got {said}; route kinds with KIND=ENCODER")
+    return (plain[0] if plain else None), routed
 
 
 def _route(text: str) -> dict[str, str]:
@@ -84,6 +133,15 @@ def report(summary: object, as_json: bool) -> int:
     if as_json:
         print(json.dumps(d, indent=1))
         return 0
+    if "tables" in d:  # a routed run: a line per table, then the whole
+        for t in d["tables"]:
+            print(
+                f"table {t['index']['table']!r} ({', '.join(t['kinds']) or 'undecided objects'}; {t['encoder_id']}): "
+                f"{t['objects_seen']} objects, {t['indexed']} indexed, {t['quarantined']} quarantined, "
+                f"{t['deleted']} deleted, {t['moved']} moved out, {t['unchanged']} unchanged; "
+                f"{t['items_written']:,} items written; table now {t['index'].get('rows', 0):,} rows"
+            )
+        d["index"] |= {"table": ", ".join(d["index"].get("tables", [])), "rows": d["index"].get("rows", 0)}
     print(
         f"{d['source']} -> {d['index']['uri']} table {d['index']['table']!r}: {d['objects_seen']} objects seen, "
         f"{d['indexed']} indexed, {d['quarantined']} quarantined, {d['deleted']} deleted, "

@@ -12,7 +12,7 @@ from medret.cli.options import DEFAULT_INDEX, add_index, add_json, add_s3, add_t
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_index(parser, default=DEFAULT_INDEX)
-    add_table(parser, shown="the only or first one")
+    add_table(parser, shown="for --image, a table that serves its kind; for --item, the only or first one")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="query image: PNG/JPEG, DICOM, NIfTI or a slide tile")
     what.add_argument("--item", help="an indexed item id: find the items similar to it")
@@ -57,17 +57,19 @@ def run(args: argparse.Namespace) -> int:
     flat = {c: v[0] if len(v) == 1 else v for c, v in filters.items()}
     engine = QueryEngine(cfg)
     t0 = time.perf_counter()
-    idx = engine.index(args.table)
     query: dict[str, object]
     if args.image:
         path = Path(args.image)
         if not path.is_file():
             raise ObjectNotFoundError(f"query image {args.image!r} does not exist")
-        q = engine.prepare(idx, path.read_bytes(), path.name, kind=args.kind, slice=args.slice, mpp=args.mpp)
+        data = path.read_bytes()
+        idx = engine.route(args.table, data, path.name, args.kind)  # named, else a table serving its kind
+        q = engine.prepare(idx, data, path.name, kind=args.kind, slice=args.slice, mpp=args.mpp)
         code = engine.encode(idx, [q.image])[0]
         rows = engine.search(idx, code, args.k, filters=flat)
         query = {"image": str(path), "kind": q.kind, **q.meta}
     else:
+        idx = engine.index(args.table)
         rows = engine.similar(idx.name, args.item, args.k, filters=flat)
         query = {"item_id": args.item}
     seconds = time.perf_counter() - t0
@@ -78,5 +80,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{idx.name} ({idx.count():,} items, {idx.encoder_id}): top {len(rows)} for {query} in {seconds:.2f} s")
     for r in rows:
         meta = " ".join(f"{k}={r[k]}" for k in ("modality", "dataset", "label") if r.get(k))
+        meta += f" ({r['label_name']})" if r.get("label_name") else ""
         print(f"  {r['rank'] + 1:3d}. distance {r['distance']:3d}  {r['item_id']}  {meta}")
     return 0

@@ -13,7 +13,7 @@ from medret.config import parse_sets
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with ServiceConfig fields")
     add_index(parser)
-    add_table(parser, shown="the only or first one")
+    add_table(parser, shown="the only or first one; uploads: a table that serves their kind, this one if it does")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument(

@@ -22,7 +22,7 @@ from medret.config import S3Config
 from medret.index.filters import quote
 from medret.index.store import connect
 
-STATUSES = ("indexed", "quarantined", "deleted")
+STATUSES = ("indexed", "quarantined", "deleted", "moved")  # moved: a routed job sends its kind elsewhere now
 
 #: how storage faults read in quarantine reasons recorded before medret told them from bad objects
 #: (it no longer quarantines for them); such objects are retried by the next run

@@ -19,6 +19,7 @@ ENCODER_ID_KEY = b"medret.encoder_id"
 CHECKPOINT_KEY = b"medret.checkpoint"
 SCHEMA_VERSION_KEY = b"medret.schema_version"
 RECIPES_KEY = b"medret.recipes"  # how each kind of object was preprocessed (kind -> recipe, tiling)
+SERVES_KEY = b"medret.serves"  # the kinds a routed indexing job sends to this table (absent: every kind)
 SCHEMA_VERSION = "1"
 
 # column -> (type, required). Optional columns may be omitted on write (they become null).
@@ -68,6 +69,13 @@ def recipes_of(schema: pa.Schema) -> dict[str, Any] | None:
     """``{"kinds": {kind: recipe}, "tiling": {...}}`` as the indexing job recorded it, or None."""
     raw = (schema.metadata or {}).get(RECIPES_KEY)
     return dict(json.loads(raw)) if raw else None
+
+
+def serves_of(schema: pa.Schema) -> tuple[str, ...] | None:
+    """The kinds of object a routed indexing job sends to this table, or None when none were recorded
+    (a table of a single-encoder job: it takes every kind)."""
+    raw = (schema.metadata or {}).get(SERVES_KEY)
+    return tuple(json.loads(raw)) if raw else None
 
 
 def checkpoint_of(schema: pa.Schema) -> str:

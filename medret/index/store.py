@@ -101,6 +101,7 @@ class CodeIndex:
         self.encoder: EncoderConfig = sch.encoder_of(schema)
         self.checkpoint: str = sch.checkpoint_of(schema)
         self.recipes: dict[str, Any] | None = sch.recipes_of(schema)
+        self.serves: tuple[str, ...] | None = sch.serves_of(schema)
         self._snapshot: _Snapshot | None = None
         self._version: int | None = None  # cached: asking LanceDB costs ~1 ms; writes and refresh reset it
         self._last_refresh = time.monotonic()
@@ -178,6 +179,13 @@ class CodeIndex:
             )
 
     # -- writes ----------------------------------------------------------------------
+    def set_serves(self, kinds: Sequence[str]) -> None:
+        """Record the kinds of object a routed indexing job sends to this table (a new table version)."""
+        self._table.to_lance().update_schema_metadata({sch.SERVES_KEY.decode(): json.dumps(sorted(kinds))})
+        self._table.checkout_latest()
+        self._version = None
+        self.serves = sch.serves_of(self._table.schema)
+
     def rows(
         self,
         item_ids: Sequence[str],
@@ -305,7 +313,10 @@ class CodeIndex:
         before = self.version
         self._table.checkout_latest()
         self._version = None
-        return self.version != before
+        changed = self.version != before
+        if changed:
+            self.serves = sch.serves_of(self._table.schema)
+        return changed
 
     def _snap(self) -> _Snapshot:
         v = self.version

@@ -21,6 +21,7 @@ that disappeared from the source.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -48,7 +49,7 @@ from medret.models.encoder import EncoderConfig, checkpoint_config
 from medret.models.pretrained import encoder_path
 from medret.pipelines.commits import Commits, Summary
 from medret.pipelines.config import IndexJobConfig
-from medret.pipelines.sources import SourceObject, list_source
+from medret.pipelines.sources import Listed, SourceObject
 from medret.pipelines.stages import Encode, StageContext, expand, load
 from medret.runtime import ensure_ray
 from medret.storage.objects import ObjectStore
@@ -155,15 +156,28 @@ def _objects_dataset(
 def run_index(cfg: IndexJobConfig) -> Summary:
     """Index (or bring up to date) ``cfg.index`` from ``cfg.source``; returns what happened.
 
+    With ``cfg.encoders`` (or ``cfg.tables``) each kind goes to its own encoder and table
+    (:mod:`medret.pipelines.routed`); otherwise one encoder writes ``cfg.index.table``.
+
     Raises :class:`~medret.errors.JobStoppedError` when the run stops early with nothing lost
     (a store unreachable for longer than ``storage_retry_s``, too many unreadable objects):
     the same call resumes it.
     """
-    t_start = time.perf_counter()
+    if cfg.routed:
+        from medret.pipelines.routed import run_routed
+
+        return run_routed(cfg)
     if cfg.metrics_port is not None:
         from prometheus_client import start_http_server
 
         start_http_server(cfg.metrics_port)
+    return index_table(cfg)
+
+
+def index_table(cfg: IndexJobConfig, listed: Listed | None = None, serves: tuple[str, ...] | None = None) -> Summary:
+    """One table's run: ``cfg.encoder`` into ``cfg.index.table``, from ``listed`` (else the source is listed
+    here). ``serves``: the kinds a routed run sends to this table, recorded in its metadata."""
+    t_start = time.perf_counter()
     out = Path(cfg.out)
     save_resolved(cfg, out)
     ckpt_path = encoder_path(cfg.encoder)
@@ -178,8 +192,8 @@ def run_index(cfg: IndexJobConfig) -> Summary:
         incremental=cfg.incremental,
     )
     try:
-        index, manifest = _open_index(cfg, encoder, str(ckpt_path), recipes)
-        todo, known = _plan(cfg, store, index, manifest, summary, encoder)
+        index, manifest = _open_index(cfg, encoder, str(ckpt_path), recipes, serves)
+        todo, known = _plan(cfg, store, index, manifest, summary, encoder, listed)
         if todo:
             _run_pipeline(cfg, todo, index, manifest, known, summary, recipes, encoder, store, ckpt)
         _finish(cfg, index, summary)
@@ -207,7 +221,11 @@ def _index_call(what: str, fn: Callable[[], T]) -> T:
 
 
 def _open_index(
-    cfg: IndexJobConfig, encoder: EncoderConfig, ckpt_path: str, recipes: dict[str, str]
+    cfg: IndexJobConfig,
+    encoder: EncoderConfig,
+    ckpt_path: str,
+    recipes: dict[str, str],
+    serves: tuple[str, ...] | None = None,
 ) -> tuple[CodeIndex, Manifest]:
     def both() -> tuple[CodeIndex, Manifest]:
         index = CodeIndex.create(
@@ -219,25 +237,34 @@ def _open_index(
             s3=cfg.s3,
             exist_ok=True,
         )
+        if serves is not None and index.serves != tuple(sorted(serves)):
+            index.set_serves(serves)
         return index, Manifest(cfg.index.uri, cfg.index.table, cfg.s3)
 
     return _index_call(f"opening the index {cfg.index.uri}", both)
 
 
 def _plan(
-    cfg: IndexJobConfig, store: ObjectStore, index: CodeIndex, manifest: Manifest, summary: Summary, encoder: Any
+    cfg: IndexJobConfig,
+    store: ObjectStore,
+    index: CodeIndex,
+    manifest: Manifest,
+    summary: Summary,
+    encoder: Any,
+    listed: Listed | None = None,
 ) -> tuple[list[SourceObject], dict[str, Entry]]:
-    """List the source, compare with the manifest: what to index; an incremental run drops what is gone."""
-    t = time.perf_counter()
-    objects, sidecars = list_source(store, cfg.all_routes())
-    summary.stage_seconds["list"] = time.perf_counter() - t
+    """List the source (unless a routed run did), compare with the manifest: what to index; an incremental
+    run drops what is gone, and a routed run what now goes to another table."""
+    if listed is None:
+        listed = Listed.of(store, cfg.all_routes())
+    objects = listed.objects
+    summary.stage_seconds["list"] = listed.seconds
     summary.objects_seen = len(objects)
     obs.INGEST_OBJECTS.labels(status="seen").inc(len(objects))
     known = _index_call(f"reading the manifest at {cfg.index.uri}", manifest.entries)
-    listed = {o.uri for o in objects}
     if cfg.only:
         only = set(cfg.only)
-        missing = sorted(only - listed)
+        missing = sorted(only - listed.uris)
         if missing:
             log.warning("%d requested object(s) are no longer in the source: %s", len(missing), missing[:5])
         todo = [o for o in objects if o.uri in only]
@@ -249,9 +276,11 @@ def _plan(
     obs.INGEST_OBJECTS.labels(status="unchanged").inc(summary.unchanged)
     _say(
         cfg,
-        f"{cfg.source}: {len(objects)} objects ({len(sidecars)} sidecars), {len(todo)} to index, "
+        f"{cfg.source}: {len(objects)} objects ({listed.sidecars} sidecars), {len(todo)} to index, "
         f"{summary.unchanged} unchanged -> {cfg.index.uri} table {cfg.index.table!r} ({encoder.encoder_id})",
     )
+    if listed.table_of is not None and not cfg.only:
+        _move_out(cfg, index, manifest, known, listed.table_of, summary)
     if cfg.incremental and not cfg.only:
         root = store.uri_of("").rstrip("/") + "/"
         # a DICOMweb source narrowed by a path or filters lists part of its server: only what this
@@ -260,11 +289,12 @@ def _plan(
         scoped = narrowed.is_dicomweb and bool(narrowed.path or narrowed.query)
 
         def ours(u: str, e: Entry) -> bool:
-            return e.status != "deleted" and u.startswith(root) and (not scoped or e.source == cfg.source)
+            gone_already = e.status in ("deleted", "moved")
+            return not gone_already and u.startswith(root) and (not scoped or e.source == cfg.source)
 
-        gone = sorted(u for u, e in known.items() if ours(u, e) and u not in listed)
+        gone = sorted(u for u, e in known.items() if ours(u, e) and u not in listed.uris)
         held = sum(1 for u, e in known.items() if ours(u, e))
-        if gone and not objects:
+        if gone and not listed.uris:
             raise JobStoppedError(
                 f"stopped: the source {cfg.source} lists no objects, yet the index holds {len(gone)} from it; "
                 "refusing to remove them all as deleted (a share not mounted, a wrong prefix, or credentials "
@@ -292,7 +322,13 @@ def _plan(
 
 
 def _forget(
-    cfg: IndexJobConfig, index: CodeIndex, manifest: Manifest, known: dict[str, Entry], gone: list[str]
+    cfg: IndexJobConfig,
+    index: CodeIndex,
+    manifest: Manifest,
+    known: dict[str, Entry],
+    gone: list[str],
+    status: str = "deleted",
+    why: dict[str, str] | None = None,
 ) -> None:
     index.delete_sources(gone)
     manifest.record(
@@ -302,13 +338,39 @@ def _forget(
             etag=known[u].etag,
             size=known[u].size,
             kind=known[u].kind,
-            status="deleted",
+            status=status,
             items=0,
             encoder_id=index.encoder_id,
+            error=(why or {}).get(u, ""),
             attempts=known[u].attempts,
         )
         for u in gone
     )
+
+
+def _move_out(
+    cfg: IndexJobConfig,
+    index: CodeIndex,
+    manifest: Manifest,
+    known: dict[str, Entry],
+    table_of: dict[str, str],
+    summary: Summary,
+) -> None:
+    """Remove the objects this table holds whose kind a routed run now sends to another table (which indexes
+    them); objects of kinds it never held are not touched, nor are objects the source no longer lists."""
+    here = cfg.index.table
+    held = ("indexed", "quarantined")
+    moved = sorted(u for u, e in known.items() if e.status in held and table_of.get(u, here) != here)
+    if not moved:
+        return
+    why = {u: f"its kind is now indexed into table {table_of[u]!r}" for u in moved}
+    what = f"removing re-routed objects from {cfg.index.uri} table {here!r}"
+    _index_call(what, lambda: _forget(cfg, index, manifest, known, moved, "moved", why))
+    for u in moved:
+        known[u] = dataclasses.replace(known[u], status="moved", items=0)
+    summary.moved = len(moved)
+    obs.INGEST_OBJECTS.labels(status="moved").inc(len(moved))
+    _say(cfg, f"removed {len(moved)} object(s) whose kind now goes to another table from table {here!r}")
 
 
 def _finish(cfg: IndexJobConfig, index: CodeIndex, summary: Summary) -> None:

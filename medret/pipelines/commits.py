@@ -40,6 +40,7 @@ class Summary:
     quarantined: int = 0
     skipped: int = 0
     deleted: int = 0
+    moved: int = 0  # a routed run: objects whose kind now goes to another table, removed from this one
     retry_later: int = 0  # not indexed for a storage fault: left out of the manifest for the next run
     vanished: int = 0  # listed, then gone before it was read (the next incremental run removes it)
     items_written: int = 0
@@ -50,9 +51,12 @@ class Summary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     quarantine: list[dict[str, str]] = field(default_factory=list)
     stopped: str = ""  # why the run stopped before the end (nothing lost; the same command resumes)
+    tables: list[dict[str, Any]] = field(default_factory=list)  # a routed run: each table's own summary
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if not self.tables:
+            del d["tables"]
         d["stage_seconds"] = {k: round(v, 3) for k, v in self.stage_seconds.items()}
         d["seconds"] = round(self.seconds, 3)
         d["objects_per_s"] = round((self.indexed + self.quarantined) / self.seconds, 2) if self.seconds else 0.0

@@ -9,7 +9,11 @@ from pydantic import Field, field_validator
 from medret.config import DicomWebConfig, Frozen, IndexConfig, S3Config
 from medret.preprocess.wsi.tiling import TilingConfig
 
-__all__ = ["IndexJobConfig", "Resources", "Route", "TilingConfig", "default_routes"]
+__all__ = ["DEFAULT_ROUTE", "IndexJobConfig", "Resources", "Route", "TilingConfig", "default_routes"]
+
+#: the keys of ``encoders`` and ``tables`` that stand for every kind no other key names
+DEFAULT_ROUTE = ("default", "*")
+_TABLE = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
 
 
 class Route(Frozen):
@@ -80,6 +84,16 @@ class IndexJobConfig(Frozen):
     s3: S3Config = S3Config()
     dicomweb: DicomWebConfig = DicomWebConfig()
     encoder: str = Field(default="default", description="'default' (shipped), an encoder.npz or a training folder")
+    encoders: dict[str, str] = Field(
+        default_factory=dict,
+        description="kind -> encoder (as `encoder`), e.g. {wsi: histology.npz, dicom: xray.npz}; 'default' or '*' "
+        "for every other kind (else `encoder`). Each encoder writes a table of its own (see `tables`)",
+    )
+    tables: dict[str, str] = Field(
+        default_factory=dict,
+        description="kind (or 'default') -> the table its encoder writes, when `encoders` routes kinds; else "
+        "index.table for the default encoder, <index.table>-<preset or encoder name>-<bits>b for the others",
+    )
     incremental: bool = Field(default=False, description="also remove items of objects deleted from the source")
     force: bool = Field(default=False, description="re-index objects the manifest already holds at the same etag")
     only: list[str] = Field(default_factory=list, description="index just these object URIs (quarantine retry)")
@@ -135,6 +149,34 @@ class IndexJobConfig(Frozen):
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics while running")
     out: str = Field(default="medret-out", description="local folder for the summary, metrics and resolved config")
     progress: bool = True
+
+    @field_validator("encoders", "tables")
+    @classmethod
+    def _kind_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        from medret import kinds
+
+        known = [k.name for k in kinds.indexed()]
+        bad = [k for k in v if k not in known and k not in DEFAULT_ROUTE]
+        if bad:
+            raise ValueError(f"unknown kind {bad[0]!r}; keys are kinds with items ({', '.join(known)}) or 'default'")
+        if all(k in v for k in DEFAULT_ROUTE):
+            raise ValueError("give 'default' or '*', not both")
+        return v
+
+    @field_validator("tables")
+    @classmethod
+    def _table_names(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for kind, name in v.items():
+            if not re.match(_TABLE, name) or name.endswith("__manifest"):
+                raise ValueError(f"{kind}: {name!r} is not a table name (letters, digits, '_' and '-', at most 64)")
+        return v
+
+    @property
+    def routed(self) -> bool:
+        """Whether kinds go to encoders (and tables) of their own, instead of one encoder for everything."""
+        return bool(self.encoders or self.tables)
 
     def all_routes(self) -> list[Route]:
         return [*self.routes, *default_routes()]

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import posixpath
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,24 @@ class SourceObject:
     kind: str
     meta: dict[str, Any] = field(default_factory=dict)
     members: list[str] = field(default_factory=list)  # a series folder's slice files (keys)
+
+
+@dataclass
+class Listed:
+    """A listing of the source as one table's run sees it."""
+
+    objects: list[SourceObject]  # the objects this table takes
+    sidecars: int
+    uris: set[str]  # every object the source lists, those of a routed run's other tables too
+    seconds: float = 0.0
+    table_of: dict[str, str] | None = None  # a routed run: object URI -> the table its kind goes to
+
+    @classmethod
+    def of(cls, store: ObjectStore, routes: Sequence[Route]) -> Listed:
+        """The whole source, for a table that takes every object."""
+        t = time.perf_counter()
+        objects, sidecars = list_source(store, routes)
+        return cls(objects, len(sidecars), {o.uri for o in objects}, time.perf_counter() - t)
 
 
 def route(key: str, routes: Sequence[Route]) -> str:

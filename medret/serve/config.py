@@ -20,7 +20,11 @@ class ServiceConfig(Frozen):
     """How the query service (and ``medret search``) reaches the index and what it accepts."""
 
     index: str = Field(default="medret-out/index", description="index URI: local folder or s3://bucket/prefix")
-    table: str | None = Field(default=None, description="default table (else the only or first one)")
+    table: str | None = Field(
+        default=None,
+        description="default table (else the only or first one); an upload named no table is answered from a "
+        "table that serves its kind, this one when it does",
+    )
     s3: S3Config = S3Config()
     dicomweb: DicomWebConfig = Field(
         default=DicomWebConfig(), description="how to read items back from a DICOMweb source (credentials: env)"

@@ -54,8 +54,16 @@ class QueryEngine:
         """The table, following new versions at most every ``refresh_s`` seconds."""
         return self.catalog.open(table)
 
+    def route(self, table: str | None, data: bytes, filename: str, kind: str = kinds.AUTO_QUERY) -> CodeIndex:
+        """The table that answers an upload: the one named, else one that serves the upload's kind
+        (:meth:`~medret.serve.tables.Tables.for_kind`)."""
+        if table:
+            return self.index(table)
+        chosen = uploads.kind_of(data, filename, max_bytes=self.cfg.max_upload_bytes, kind=kind)
+        return self.index(self.catalog.for_kind(chosen.name))
+
     def tables(self) -> list[dict[str, Any]]:
-        """Each table's name, size, version, encoder and recipes."""
+        """Each table's name, size, version, encoder, recipes, and the kinds and modality it serves."""
         return self.catalog.describe()
 
     def health(self) -> None:
@@ -63,12 +71,22 @@ class QueryEngine:
         self.catalog.names()
 
     def warm(self) -> None:
-        """Load the default table's codes and encoder and run one search, so the first query is fast."""
+        """Load the codes and encoder of the default table and of every table a routed job wrote (uploads
+        are sent to those by kind), and run one search on each, so the first query is fast."""
         try:
-            idx = self.index()
-            self.search(idx, self.encode(idx, [np.zeros(idx.encoder.input_size, np.float32)])[0], 1)
-        except MedretError as err:  # an empty index or a missing checkpoint: the requests will say so
+            names = [self.catalog.default()]
+            names += [n for n in self.catalog.names() if n not in names and self.index(n).serves is not None]
+        except MedretError as err:  # an empty index: the requests will say so
             log.warning("warm-up skipped: %s", err)
+            return
+        for name in names:
+            try:
+                idx = self.index(name)
+                enc = idx.encoder
+                shape = enc.input_size if enc.channels == 1 else (*enc.input_size, enc.channels)
+                self.search(idx, self.encode(idx, [np.zeros(shape, np.float32)])[0], 1)
+            except MedretError as err:  # a missing checkpoint: the requests will say so
+                log.warning("warm-up of table %s skipped: %s", name, err)
 
     # -- the encoder -------------------------------------------------------------------
     def encoder(self, idx: CodeIndex) -> Encoder:

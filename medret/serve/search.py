@@ -2,7 +2,8 @@
 
 Filters are checked against the table's columns before any work (:func:`where`); tables
 at least ``ivf_min_rows`` large that have an IVF index are searched through it, all others
-by the exact scan.
+by the exact scan. A row whose label is a class id with a name (:mod:`medret.index.labels`)
+also carries ``label_name``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy.typing as npt
 
 from medret.errors import ConfigError, NotFound
 from medret.index.filters import where_clause
+from medret.index.labels import LabelNames
 from medret.index.store import CodeIndex
 from medret.serve.config import ServiceConfig
 from medret.serve.tables import Tables
@@ -76,7 +78,8 @@ class Searcher:
             (hits,) = idx.search_ivf(q, want, nprobes=self.cfg.ivf_nprobes, where=clause)
         else:
             (hits,) = idx.search(q, want, where=clause)
-        rows = [row_of(r) for r in hits.to_pylist() if r["item_id"] != exclude][:k]
+        names = LabelNames(idx.encoder.extra)
+        rows = [names.add_to(row_of(r)) for r in hits.to_pylist() if r["item_id"] != exclude][:k]
         for rank, r in enumerate(rows):
             r["rank"] = rank
         return rows
@@ -97,7 +100,7 @@ class Searcher:
         t = idx.get([item_id])
         if t.num_rows == 0:
             raise NotFound(f"no item {item_id[:200]!r} in table {idx.name!r}")
-        return row_of(t.drop_columns(["code"]).to_pylist()[0])
+        return LabelNames(idx.encoder.extra).add_to(row_of(t.drop_columns(["code"]).to_pylist()[0]))
 
     def similar(
         self, table: str | None, item_id: str, k: int = 10, *, filters: Mapping[str, Any] | None = None

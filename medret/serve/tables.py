@@ -1,9 +1,16 @@
-"""The code tables at one index URI, as the query service sees them: listed, opened by name, described.
+"""The code tables at one index URI, as the query service sees them: listed, opened by name, described,
+and chosen for an upload by its kind.
 
 Nothing a request names is opened as a path: a table is looked up by name among the
 index's tables, and a name that is not a table name is no table. Opened tables follow
 new versions at most every ``refresh_s`` seconds, so a running service picks up what an
 indexing job commits without a restart.
+
+A table *serves* a kind of object when the indexing job sent that kind to it: a routed job
+(``encoders:`` in its config) records the kinds of each table in its metadata
+(:attr:`~medret.index.store.CodeIndex.serves`); a table of a one-encoder job records none and
+serves every kind. An upload named no table is answered from a table that records its kind,
+else from one that records none (:meth:`Tables.for_kind`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,11 @@ def recipes_of(idx: CodeIndex) -> dict[str, Any]:
     tiling = TilingConfig(**rec.get("tiling", {})).model_dump(mode="json")
     options = {"channels": idx.encoder.channels, **rec.get("options", {})}
     return {"kinds": chosen, "tiling": tiling, "options": options}
+
+
+def kinds_of(idx: CodeIndex) -> list[str]:
+    """The kinds of object a table serves: those a routed job recorded, else every kind that gets items."""
+    return list(idx.serves) if idx.serves is not None else [k.name for k in kinds.indexed()]
 
 
 def read_context(
@@ -89,8 +101,23 @@ class Tables:
                 idx.refresh(min_interval_s=self.cfg.refresh_s)
         return idx
 
+    def for_kind(self, kind: str) -> str:
+        """The table an upload of ``kind`` is answered from: among the tables whose recorded kinds include it,
+        else among those that record none (they take every kind), the configured default table if it is one
+        of them, else the first by name."""
+        names = self.names()
+        if not names:
+            return self.default()  # says there are no tables
+        served = {name: self.open(name).serves for name in names}
+        for group in ([n for n in names if kind in (served[n] or ())], [n for n in names if served[n] is None]):
+            if group:
+                return self.cfg.table if self.cfg.table in group else group[0]
+        said = "; ".join(f"{n}: {', '.join(served[n] or ()) or 'none'}" for n in names) or "no tables"
+        raise NotFound(f"no table at {self.cfg.index} serves {kind} objects (kinds by table: {said}); name a table")
+
     def describe(self) -> list[dict[str, Any]]:
-        """Each table's name, size, version, encoder and recipes (what ``GET /v1/tables`` answers)."""
+        """Each table's name, size, version, encoder, recipes, and the kinds and modality it serves
+        (what ``GET /v1/tables`` answers)."""
         out = []
         for name in self.names():
             idx = self.open(name)
@@ -102,6 +129,8 @@ class Tables:
                     "encoder_id": idx.encoder_id,
                     "encoder": idx.encoder.model_dump(mode="json"),
                     "recipes": recipes_of(idx),
+                    "kinds": kinds_of(idx),
+                    "modality": idx.encoder.modality,
                 }
             )
         return out

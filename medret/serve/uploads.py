@@ -40,6 +40,14 @@ def upload_name(filename: str | None) -> str:
     return Path(filename or "upload").name[:200] or "upload"
 
 
+def kind_of(data: bytes, filename: str, *, max_bytes: int, kind: str = kinds.AUTO_QUERY) -> kinds.Kind:
+    """The kind that reads this upload (asked for as ``kind``), from its name and first bytes; the size checked."""
+    name = upload_name(filename)
+    if len(data) > max_bytes:
+        raise UploadTooLarge(f"{name}: {len(data)} bytes is over the upload limit of {max_bytes}")
+    return kinds.for_upload(kind, name, data[: kinds.HEAD_BYTES])
+
+
 def prepare(
     ctx: ReadContext,
     data: bytes,

@@ -33,6 +33,8 @@ class TableInfo(BaseModel):
     encoder_id: str
     encoder: dict[str, Any]
     recipes: dict[str, Any]
+    kinds: list[str]  # the kinds of object its indexing job sent to it: uploads of these are answered from it
+    modality: str  # its encoder's (``any`` for a general encoder)
 
 
 class Health(BaseModel):

@@ -84,7 +84,9 @@ def _check_k(k: int, max_k: int) -> None:
 async def search(
     service: ServiceDep,
     file: Annotated[UploadFile, File(description="PNG/JPEG, DICOM, NIfTI, or a slide region as an image tile")],
-    table: Annotated[str | None, Form()] = None,
+    table: Annotated[
+        str | None, Form(description="the table to search; default: a table that serves the upload's kind")
+    ] = None,
     k: Annotated[int, Form(ge=1)] = 10,
     kind: Annotated[str, Form(description=f"what to read the upload as: {', '.join(kinds.query_modes())}")] = (
         kinds.AUTO_QUERY
@@ -102,7 +104,7 @@ async def search(
     chosen = parse_filters(modality, dataset, label, filters)
     data = await file.read(cfg.max_upload_bytes + 1)
     name = file.filename or "upload"
-    idx = await asyncio.to_thread(engine.index, table)
+    idx = await asyncio.to_thread(engine.route, table, data, name, kind)  # named, else by the upload's kind
     q = await service.prepare(idx, data, name, kind, slice, mpp)
     t1 = time.perf_counter()
     code = await service.encode(idx, q.image)
