@@ -5,7 +5,7 @@ whose ``forward(x, organ, label)`` returns ``(loss, logs)``; its losses are pure
 functions in the same module, unit-tested on their own.
 """
 
-from medret.methods import clshash, default, dml, dnhn, momentum  # noqa: F401  (register)
+from medret.methods import clshash, default, dml, dnhn, momentum, selfsup  # noqa: F401  (register)
 from medret.methods.base import METHODS, Method, TaskInfo
 
 __all__ = ["METHODS", "Method", "TaskInfo"]

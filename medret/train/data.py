@@ -9,10 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 
 from medret.eval.benchmarks import Part, RetrievalSplit, medmnist4, split_from_files
 from medret.methods.base import TaskInfo
+from medret.models.augment import augment
+
+__all__ = ["augment"]  # re-exported: it lives with the models so that methods (a lower floor) may use it
 
 
 def load_split(data: Sequence[str]) -> RetrievalSplit:
@@ -86,20 +88,3 @@ def batches(
 def to_tensor(images: npt.NDArray[np.uint8]) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255)
     return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
-
-
-def augment(x: torch.Tensor, generator: torch.Generator, *, shift: float = 0.1, rotate: float = 10.0) -> torch.Tensor:
-    """Small random translation, rotation, scale and contrast. No flips: left and right organs differ."""
-    n = len(x)
-    u = torch.rand(n, 5, generator=generator) * 2 - 1
-    angle = u[:, 0] * math.radians(rotate)
-    scale = 1 + 0.1 * u[:, 1]
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
-        [torch.stack([cos, -sin, u[:, 2] * shift * 2], 1), torch.stack([sin, cos, u[:, 3] * shift * 2], 1)], 1
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    gain = (1 + 0.15 * u[:, 4])[:, None, None, None]
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return ((out - mean) * gain + mean).clamp_(0, 1)
