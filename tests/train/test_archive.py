@@ -65,7 +65,8 @@ def write_png_archive(store: object, data_dir: Path, per_organ: int) -> list[dic
     rows = []
     for organ in ("breastmnist", "retinamnist"):
         z = np.load(data_dir / "medmnist" / f"{organ}.npz")
-        for i, (image, label) in enumerate(zip(z["train_images"][:per_organ], z["train_labels"].reshape(-1))):
+        images, labels = z["train_images"][:per_organ], z["train_labels"].reshape(-1)[:per_organ]
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             key = f"{organ}/{i:04d}.png"
             store.write_bytes(key, _png(image))  # type: ignore[attr-defined]
             rows.append({"path": key, "label": str(int(label)), "organ": organ})
