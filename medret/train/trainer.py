@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medret.config import save_resolved
 from medret.errors import ConfigError
 from medret.runtime import ensure_ray
@@ -155,6 +157,12 @@ def image_batches(cfg: TrainConfig, limit: int, batch: int = 256) -> Iterator[An
         yield images[i : i + batch]
 
 
+def eight_ways(images: Any) -> list[Any]:
+    """``images`` (N, H, W[, C]) in its 8 dihedral orientations (rotations by 90 degrees, and mirrored)."""
+    turns = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    return [np.ascontiguousarray(t) for t in turns + [x[:, :, ::-1] for x in turns]]
+
+
 def fit_training_free(cfg: TrainConfig) -> TrainReport:
     """``frozen-itq``: the preset's pretrained backbone, frozen, and PCA-ITQ codes fitted on its features
     of the training images (no labels, no workers; minutes on a CPU)."""
@@ -180,8 +188,11 @@ def fit_training_free(cfg: TrainConfig) -> TrainReport:
     )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     limit = cfg.samples_per_epoch or 20_000
+    batches = image_batches(cfg, limit)
+    if cfg.augmentation == "histology":  # a tile has no up: fit on each in its 8 orientations
+        batches = (np.concatenate([dihedral for dihedral in eight_ways(b)]) for b in batches)
     t0 = time.perf_counter()
-    encoder = fit_frozen_itq(config, image_batches(cfg, limit), max_samples=limit, seed=cfg.seed)
+    encoder = fit_frozen_itq(config, batches, max_samples=limit * 8, seed=cfg.seed)
     seconds = time.perf_counter() - t0
     encoder.save(output / "encoder.npz")
     samples = int(encoder.config.extra.get("fit", {}).get("samples", 0))

@@ -38,7 +38,7 @@ def test_the_histology_preset_fits_colour_codes_on_a_slide_without_labels(
         "frozen-itq",
         "SM",
     )
-    assert c.extra["preset"] == "histology" and c.extra["fit"]["samples"] == 32
+    assert c.extra["preset"] == "histology" and c.extra["fit"]["samples"] == 32 * 8  # each tile in its 8 orientations
     assert c.extra["provenance"]["data"]["source"] == str(archive)
     # the tiles it was fitted on: colour, one slide, every tile its own group, codes spread over the space
     prepared = prepare(cfg, cfg.geometry())
