@@ -202,17 +202,18 @@ def training_rows(
         if extra:
             meta.update(json.loads(extra))
         ok = bool(batch["ok"][i])
+        image = np.asarray(batch["image"][i], np.float32)
+        error, fault = str(batch["error"][i]), str(batch["fault"][i])
+        if ok and image.shape != shape:  # never reshaped or padded into something it is not
+            ok, error, fault = False, f"model input is {image.shape}, this encoder takes {shape}", "object"
         out["item_id"].append(str(batch["item_id"][i]) if ok else "")
         out["uri"].append(str(batch["uri"][i]))
         out["label"].append(_label_of(meta, cfg) if ok else "")
         out["organ"].append(_organ_of(meta))
         out["group"].append(_group_of(meta, str(batch["uri"][i]), cfg))
         out["split"].append(str(meta.get("split", "")).strip().lower())
-        out["error"].append("" if ok else str(batch["error"][i]))
-        out["fault"].append("" if ok else str(batch["fault"][i]))
-        image = np.asarray(batch["image"][i], np.float32)
-        if ok and image.shape != shape:
-            image = image.reshape(shape) if image.size == int(np.prod(shape)) else np.zeros(shape, np.float32)
+        out["error"].append("" if ok else error)
+        out["fault"].append("" if ok else fault)
         images.append(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8).tobytes() if ok else b"")
     cols = {k: np.array(v, dtype=object) for k, v in out.items()}
     cols["image"] = np.array(images, dtype=object)

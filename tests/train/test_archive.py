@@ -180,3 +180,23 @@ def test_an_archive_without_labels_says_how_to_give_them(tmp_path: Path, ray_loc
     got = prepare(cfg.model_copy(update={"labels": str(tmp_path / "labels.csv")}), cfg.geometry())
     assert got.classes == [["0", "1"]] and sum(got.counts.values()) == 4
     assert json.loads(got.to_json())["recipe"] == "medmnist"
+
+
+def test_an_item_of_the_wrong_shape_is_an_error_row_not_a_reshaped_image() -> None:
+    from medret.train.archive import training_rows
+
+    images = np.empty(2, dtype=object)
+    images[0], images[1] = np.full((28, 28), 0.5, np.float32), np.zeros((14, 56), np.float32)
+    batch = {
+        "ok": np.array([True, True]),
+        "item_id": np.array(["a.png", "b.png"], dtype=object),
+        "uri": np.array(["a.png", "b.png"], dtype=object),
+        "error": np.array(["", ""], dtype=object),
+        "fault": np.array(["", ""], dtype=object),
+        "extra": np.array(['{"label": "1"}', '{"label": "0"}'], dtype=object),
+        "image": images,
+    }
+    rows = training_rows(batch, TrainConfig().model_dump_json(), (28, 28))
+    assert list(rows["label"]) == ["1", ""] and rows["error"][0] == ""
+    assert rows["error"][1] == "model input is (14, 56), this encoder takes (28, 28)" and rows["fault"][1] == "object"
+    assert np.frombuffer(rows["image"][0], np.uint8).tolist() == [128] * 784 and rows["image"][1] == b""
