@@ -116,18 +116,7 @@ def _objects_dataset(
     import ray.data
 
     r = cfg.resources
-    items = [
-        {
-            "uri": o.uri,
-            "key": o.key,
-            "etag": o.etag,
-            "size": o.size,
-            "kind": o.kind,
-            "meta": json.dumps(o.meta) if o.meta else "",
-            "members": json.dumps(o.members) if o.members else "",
-        }
-        for o in todo
-    ]
+    items = [o.row() for o in todo]
     blocks = max(1, min(len(items), (len(items) + r.read_batch - 1) // r.read_batch, 1000))
     ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.flat_map(functools.partial(expand, ctx=ctx), num_cpus=r.read_cpus)

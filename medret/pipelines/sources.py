@@ -43,6 +43,18 @@ class SourceObject:
     meta: dict[str, Any] = field(default_factory=dict)
     members: list[str] = field(default_factory=list)  # a series folder's slice files (keys)
 
+    def row(self) -> dict[str, Any]:
+        """The object as a row of the jobs' Ray Datasets (what :func:`medret.pipelines.stages.expand` takes)."""
+        return {
+            "uri": self.uri,
+            "key": self.key,
+            "etag": self.etag,
+            "size": self.size,
+            "kind": self.kind,
+            "meta": json.dumps(self.meta) if self.meta else "",
+            "members": json.dumps(self.members) if self.members else "",
+        }
+
 
 @dataclass
 class Listed:

@@ -279,18 +279,7 @@ def _write_items(objects: list[Any], ctx: Any, cfg: TrainConfig, shape: tuple[in
     from medret.runtime import ensure_ray
 
     ensure_ray(log_to_driver=False)
-    rows = [
-        {
-            "uri": o.uri,
-            "key": o.key,
-            "etag": o.etag,
-            "size": o.size,
-            "kind": o.kind,
-            "meta": json.dumps(o.meta) if o.meta else "",
-            "members": json.dumps(o.members) if o.members else "",
-        }
-        for o in objects
-    ]
+    rows = [o.row() for o in objects]
     blocks = max(1, min(len(rows) // 64 + 1, 200))
     ds: Any = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.flat_map(functools.partial(expand, ctx=ctx))
