@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medret.cli.options import add_json, add_s3
+from medret.cli.options import add_archive, add_json, add_s3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,14 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", nargs="+", default=["medmnist-4"], metavar="NAME_OR_NPZ", help="'medmnist-4' or MedMNIST .npz files"
     )
-    parser.add_argument(
-        "--source",
-        metavar="URI",
-        help="score on a labelled archive instead (s3://bucket/prefix or a folder), split as 'medret train' splits it",
+    add_archive(
+        parser,
+        source_help="score on a labelled archive instead (s3://bucket/prefix or a folder), split as 'medret train' "
+        "splits it",
     )
-    parser.add_argument("--labels", metavar="CSV", help="labels CSV for --source (default: sidecars in the source)")
-    parser.add_argument("--label-tag", metavar="KEYWORD", help="label from a DICOM attribute, e.g. BodyPartExamined")
-    parser.add_argument("--group-column", metavar="COL", help="CSV column naming the patient/study/slide")
     parser.add_argument("--cache", metavar="URI", help="prepared-input cache (default: medret-out/train/cache)")
     add_s3(parser)
     parser.add_argument(

@@ -58,3 +58,16 @@ def add_json(parser: argparse.ArgumentParser, what: str, *, note: str = "") -> N
 def add_out(parser: argparse.ArgumentParser, what: str, *, shown: str = "medret-out") -> None:
     """``--out DIR``: the local folder a command leaves its outputs in."""
     parser.add_argument("--out", help=f"local folder for {what} (default: {shown})")
+
+
+def add_archive(parser: argparse.ArgumentParser, *, source_help: str) -> None:
+    """``--source URI`` and how its labels are found: ``--labels``, ``--label-tag``, ``--group-column``
+    (``medret train`` and ``medret evaluate`` read an archive the same way)."""
+    parser.add_argument("--source", metavar="URI", help=source_help)
+    parser.add_argument(
+        "--labels",
+        metavar="CSV",
+        help="labels CSV: path,label[,organ][,group][,split] (default: sidecar CSVs in the source)",
+    )
+    parser.add_argument("--label-tag", metavar="KEYWORD", help="label from a DICOM attribute, e.g. BodyPartExamined")
+    parser.add_argument("--group-column", metavar="COL", help="CSV column naming the patient/study/slide")

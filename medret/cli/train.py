@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from medret.cli.options import add_json, add_s3
+from medret.cli.options import add_archive, add_json, add_s3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,16 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", nargs="+", metavar="NAME_OR_NPZ", help="'medmnist-4' (default) or MedMNIST-layout .npz files"
     )
-    parser.add_argument(
-        "--source",
-        metavar="URI",
-        help="train on an archive: s3://bucket/prefix or a folder, read like 'medret index' reads it",
+    add_archive(
+        parser, source_help="train on an archive: s3://bucket/prefix or a folder, read like 'medret index' reads it"
     )
-    parser.add_argument(
-        "--labels", metavar="CSV", help="labels CSV: path,label[,organ][,group] (default: sidecar CSVs in the source)"
-    )
-    parser.add_argument("--label-tag", metavar="KEYWORD", help="label from a DICOM attribute, e.g. BodyPartExamined")
-    parser.add_argument("--group-column", metavar="COL", help="CSV column naming the patient/study/slide")
     parser.add_argument("--preset", help="start from a modality preset: xray, histology, mri, medmnist")
     parser.add_argument("--epochs", type=int, help="epochs (default: the method's own)")
     parser.add_argument("--batch-size", type=int, help="global batch size (default: the method's own)")
