@@ -33,6 +33,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also rank by Hamming prefilter + feature re-ranking (always done for clshash encoders)",
     )
+    parser.add_argument(
+        "--gallery-order",
+        choices=("shuffled", "class"),
+        default="shuffled",
+        help="the benchmark's fixed label-independent gallery order (default), or the old class order, which "
+        "breaks Hamming ties in favour of low class ids (for comparison only)",
+    )
+    parser.add_argument(
+        "--order-spread",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also re-score the Hamming ranking with the gallery in N other fixed orders and report the spread",
+    )
     parser.add_argument("--plots", metavar="DIR", help="write PR curves, mAP@k curves and query montages here")
     parser.add_argument("--markdown", metavar="FILE", help="also write the summary tables as Markdown")
     add_json(parser, "the metrics")
@@ -42,13 +56,17 @@ def run(args: argparse.Namespace) -> int:
     from medret.eval.compare import compare_encoders, without_codes
     from medret.eval.plots import write_plots
     from medret.eval.report import markdown, text
+    from medret.eval.retrieval import tie_order_spread
     from medret.train.data import load_split
 
     if args.source:
         split, results = _on_archive(args)
     else:
-        split = load_split(args.data)
+        split = load_split(args.data, args.gallery_order)
         results = compare_encoders(args.encoders, split, rerank=args.rerank)
+    if args.order_spread > 0:
+        for r in results:
+            r["order_spread"] = tie_order_spread(r, split, args.order_spread)
     if args.plots:
         write_plots(Path(args.plots), split, results)
     public = without_codes(results)
@@ -56,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.markdown).write_text(markdown(public))
     if args.json:
         data = args.source or args.data
-        print(json.dumps({"data": data, "queries": len(split["query"]), "results": public}, indent=1))
+        head = {"data": data, "gallery_order": "archive" if args.source else args.gallery_order}
+        print(json.dumps({**head, "queries": len(split["query"]), "results": public}, indent=1))
         return 0
     print(text(public), end="")
     return 0

@@ -4,6 +4,12 @@ For each subset (breast, retina, chest, abdomen): concatenate the official
 train, val, test; a fresh ``default_rng(0)``; per class in ascending order permute
 its indices and cut 60 / 10 / 20 / 10 % into train / val / gallery / query.
 Any MedMNIST-layout file can be split the same way (its organ is its file stem).
+
+The split leaves each organ's gallery sorted by class, and Hamming ties are broken by gallery
+position, so that order would favour low class ids. The gallery is therefore put in a fixed,
+label-independent order: the organs' gallery parts concatenated in file order, then permuted as a
+whole by ``default_rng(12345).permutation(n)`` (``GALLERY_SEED``). ``gallery_order="class"`` keeps
+the old order, for comparison only.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ MEDMNIST4 = (
     ("abdomen", "organamnist"),
 )
 PARTS = ("train", "val", "gallery", "query")
+GALLERY_SEED = 12345
+GALLERY_ORDERS = ("shuffled", "class")
 
 
 def split_indices(labels: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.int64]]:
@@ -67,9 +75,29 @@ class RetrievalSplit:
     def counts(self) -> dict[str, dict[str, int]]:
         return {o: {p: int((self.parts[p].organ == i).sum()) for p in PARTS} for i, o in enumerate(self.organs)}
 
+    def reordered(self, part: str, order: npt.NDArray[np.int64]) -> RetrievalSplit:
+        """The same split with ``part``'s items in ``order`` (positions into the current order)."""
+        p = self.parts[part]
+        moved = Part(p.images[order], p.organ[order], p.label[order], p.source[order])
+        return RetrievalSplit(self.organs, {**self.parts, part: moved})
 
-def build_split(files: Sequence[tuple[str, str | os.PathLike[str]]]) -> RetrievalSplit:
-    """Split ``(organ, path)`` files; images become grey (RGB via BT.601 luma)."""
+
+def gallery_permutation(n: int, seed: int = GALLERY_SEED) -> npt.NDArray[np.int64]:
+    """The benchmark's gallery order: ``default_rng(seed).permutation(n)`` of the class-ordered gallery."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+def with_gallery_order(split: RetrievalSplit, order: str = "shuffled", seed: int = GALLERY_SEED) -> RetrievalSplit:
+    """``split`` (its gallery in class order, as :func:`build_split` cuts it) in the named gallery order."""
+    if order not in GALLERY_ORDERS:
+        raise DataError(f"gallery order must be one of {GALLERY_ORDERS}, got {order!r}")
+    if order == "class":
+        return split
+    return split.reordered("gallery", gallery_permutation(len(split["gallery"]), seed))
+
+
+def build_split(files: Sequence[tuple[str, str | os.PathLike[str]]], gallery_order: str = "shuffled") -> RetrievalSplit:
+    """Split ``(organ, path)`` files; images become grey (RGB via BT.601 luma); the gallery in ``gallery_order``."""
     split = RetrievalSplit(organs=[o for o, _ in files])
     chunks: dict[str, list[Part]] = {p: [] for p in PARTS}
     for oi, (_, path) in enumerate(files):
@@ -87,18 +115,18 @@ def build_split(files: Sequence[tuple[str, str | os.PathLike[str]]]) -> Retrieva
             np.concatenate([c.label for c in cs]),
             np.concatenate([c.source for c in cs]),
         )
-    return split
+    return with_gallery_order(split, gallery_order)
 
 
-def medmnist4(root: str | os.PathLike[str] | None = None) -> RetrievalSplit:
+def medmnist4(root: str | os.PathLike[str] | None = None, gallery_order: str = "shuffled") -> RetrievalSplit:
     base = Path(root) if root is not None else data_root() / "medmnist"
     files = [(organ, base / f"{stem}.npz") for organ, stem in MEDMNIST4]
     missing = [str(p) for _, p in files if not p.is_file()]
     if missing:
         raise DataError(f"medmnist-4 needs {missing}; set MEDRET_DATA to a folder holding medmnist/*.npz")
-    return build_split(files)
+    return build_split(files, gallery_order)
 
 
-def split_from_files(paths: Sequence[str | os.PathLike[str]]) -> RetrievalSplit:
+def split_from_files(paths: Sequence[str | os.PathLike[str]], gallery_order: str = "shuffled") -> RetrievalSplit:
     """A user's own MedMNIST-layout files; each becomes an organ named after the file."""
-    return build_split([(Path(p).stem, p) for p in paths])
+    return build_split([(Path(p).stem, p) for p in paths], gallery_order)

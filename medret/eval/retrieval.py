@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from medret.eval.benchmarks import RetrievalSplit
+from medret.eval.benchmarks import GALLERY_SEED, RetrievalSplit, gallery_permutation
 from medret.eval.metrics import average_precision_at_k, retrieval_metrics
 from medret.index.search import topk
 from medret.models.encoder import Encoder
@@ -61,6 +61,29 @@ def evaluate_encoder(
         qf = encoder.forward_features(split["query"].images)
         reranked = rerank_fn(q_codes, g_codes, qf, gf, k=max(ks), candidates=max(ks))
         out["reranked"] = score(reranked, split, ks)
+    return out
+
+
+def tie_order_spread(
+    result: dict[str, Any], split: RetrievalSplit, n: int, *, ks: tuple[int, ...] = (10, 100, 1000)
+) -> dict[str, Any]:
+    """How much the gallery's order still moves an encoder's figures: the Hamming ranking re-scored
+    with the gallery in ``n`` other fixed orders (``default_rng(GALLERY_SEED + i).permutation``,
+    i = 1..n, applied to the evaluated order). The codes are the same; only the tie order changes."""
+    g_codes, q_codes = result["codes"]["gallery"], result["codes"]["query"]
+    runs = []
+    for i in range(1, n + 1):
+        perm = gallery_permutation(len(g_codes), GALLERY_SEED + i)
+        ranked = hamming_rank(q_codes, g_codes[perm], max(ks))
+        runs.append(score(ranked, split.reordered("gallery", perm), ks))
+    out: dict[str, Any] = {"orders": n, "seeds": [GALLERY_SEED + i for i in range(1, n + 1)]}
+    for name, pick in (("micro", lambda m: m["micro"]), ("macro", lambda m: m["macro"])):
+        for metric in ("mAP@10", "mAP@100", "mAP@1000"):
+            vals = [float(pick(m)[metric]) for m in runs]
+            out[f"{name} {metric}"] = {"min": min(vals), "max": max(vals), "std": float(np.std(vals))}
+    for organ in runs[0]["per_organ"] if runs else ():
+        vals = [float(m["per_organ"][organ]["mAP@100"]) for m in runs]
+        out[f"{organ} mAP@100"] = {"min": min(vals), "max": max(vals), "std": float(np.std(vals))}
     return out
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from medret.errors import ConfigError, DataError, StorageUnavailableError
-from medret.eval.benchmarks import Part, RetrievalSplit
+from medret.eval.benchmarks import Part, RetrievalSplit, with_gallery_order
 from medret.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -419,8 +419,12 @@ def read_part(archive: Archive, part: str, cfg: TrainConfig, *, limit: int | Non
 
 
 def archive_split(archive: Archive, cfg: TrainConfig, parts: tuple[str, ...] = ("gallery", "query")) -> RetrievalSplit:
-    """The named parts in memory as a :class:`RetrievalSplit` (labels already combined, so every organ offset is 0)."""
-    return RetrievalSplit(organs=archive.organs, parts={p: read_part(archive, p, cfg) for p in parts})
+    """The named parts in memory as a :class:`RetrievalSplit` (labels already combined, so every organ offset is 0).
+
+    The gallery is put in the benchmark's fixed label-independent order (an archive laid out in
+    class folders would otherwise break Hamming ties by class)."""
+    split = RetrievalSplit(organs=archive.organs, parts={p: read_part(archive, p, cfg) for p in parts})
+    return with_gallery_order(split) if "gallery" in parts else split
 
 
 def iter_part_batches(shard: Any, batch_size: int, *, seed: int) -> Iterator[Any]:

@@ -101,3 +101,37 @@ def test_encoder_rejects_wrong_image_size() -> None:
 
     with pytest.raises(DataError, match=r"takes 28x28 images with 1 channel\(s\) \(recipe 'medmnist'\), got 64x64"):
         resolve_encoder("default").encode(np.zeros((2, 64, 64), np.uint8))
+
+
+def test_the_gallery_is_in_the_benchmarks_fixed_label_independent_order(data_dir: Path) -> None:
+    shuffled = split_from_files(files(data_dir))
+    by_class = split_from_files(files(data_dir), gallery_order="class")
+    g, c = shuffled["gallery"], by_class["gallery"]
+    perm = np.random.default_rng(12345).permutation(len(c))
+    assert np.array_equal(g.images, c.images[perm]) and np.array_equal(g.label, c.label[perm])
+    assert np.array_equal(g.organ, c.organ[perm]) and np.array_equal(g.source, c.source[perm])
+    # the class order sorts each organ's gallery by class; the benchmark order does not
+    assert all(np.all(np.diff(c.label[c.organ == o]) >= 0) for o in range(2))
+    assert not np.all(np.diff(g.label[g.organ == 0]) >= 0)
+    for part in ("train", "val", "query"):  # only the gallery moves
+        assert np.array_equal(shuffled[part].source, by_class[part].source)
+
+
+def test_evaluate_reports_the_tie_order_spread_and_the_class_order_on_request(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["evaluate", "pca-itq:16", "--data", *files(data_dir), "--json"]
+    assert main([*args, "--order-spread", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gallery_order"] == "shuffled"
+    r = out["results"][0]
+    spread = r["order_spread"]
+    assert spread["orders"] == 3 and spread["seeds"] == [12346, 12347, 12348]
+    lo, hi = spread["micro mAP@100"]["min"], spread["micro mAP@100"]["max"]
+    # 16-bit codes tie a lot: the other orders move the figure, the evaluated order sits among them
+    assert lo < hi and lo - 0.05 < r["hamming"]["micro"]["mAP@100"] < hi + 0.05
+    assert set(spread) >= {"breastmnist mAP@100", "pneumoniamnist mAP@100", "macro mAP@100"}
+    assert main([*args, "--gallery-order", "class"]) == 0
+    old = json.loads(capsys.readouterr().out)
+    assert old["gallery_order"] == "class" and old["queries"] == out["queries"]
+    assert old["results"][0]["hamming"]["micro"] != r["hamming"]["micro"]  # ties were decided by class
