@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +38,12 @@ AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def ray_head() -> Iterator[str]:
     """``ray start --head --block`` on loopback with free ports; stopping the process stops the head."""
     dashboard = free_port()
-    tmp = tmp_path_factory.mktemp("rayhead")
+    # a short temp dir: Ray's socket paths under it must stay within AF_UNIX's 107 bytes, which
+    # pytest's own temp paths (longer under pytest-xdist's per-worker folders) can exceed
+    tmp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
     cmd = [
         ray_cli(),
         "start",
@@ -86,6 +89,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def submit(address: str, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -66,11 +66,11 @@ def upload(api: TestClient, data: bytes, **form: Any) -> Any:
 # -- filters ------------------------------------------------------------------------------------------
 def test_a_filter_that_matches_nothing_is_an_empty_answer(api: TestClient, index: dict[str, Any]) -> None:
     data = (index["src"] / "001.png").read_bytes()
-    for form in ({"label": "9"}, {"modality": "MR"}, {"filters": json.dumps({"dataset": ["nope", "none"]})}):
+    for form in ({"label": "99"}, {"modality": "MR"}, {"filters": json.dumps({"dataset": ["nope", "none"]})}):
         r = upload(api, data, **form)
         assert r.status_code == 200 and r.json()["results"] == [], (form, r.text)
     item = quote(index["ids"][0], safe="")
-    r = api.get(f"/v1/items/{item}/similar", params={"label": "9"})
+    r = api.get(f"/v1/items/{item}/similar", params={"label": "99"})
     assert r.status_code == 200 and r.json()["results"] == []
 
 

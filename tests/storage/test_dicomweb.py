@@ -268,10 +268,17 @@ def test_the_pacs_stopped_mid_run_is_an_unreachable_store(tmp_path: Path, data_d
         index = tmp_path / "index"
         env = {**os.environ, "MEDRET_DICOMWEB_USER": server.user, "MEDRET_DICOMWEB_PASSWORD": server.password}
 
-        def cli(out: str, *extra: str) -> subprocess.Popen[str]:
+        def cli(out: str, *extra: str, patient: bool = False) -> subprocess.Popen[str]:
             cmd = [sys.executable, "-m", "medret.cli.main", "index", "--source", f"dicomweb+{server.dicomweb}"]
             cmd += ["--index", str(index), "--out", str(tmp_path / out), *extra]
-            for s in ("commit_rows=16", "storage_retry_s=3", "dicomweb.timeout_s=3"):
+            # short budgets to see the outage quickly; the rerun, against a PACS that is up, gets the usual
+            # ones (a loaded machine can make Orthanc answer later than 3 s)
+            budgets = (
+                ("storage_retry_s=60", "dicomweb.timeout_s=30")
+                if patient
+                else ("storage_retry_s=3", "dicomweb.timeout_s=3")
+            )
+            for s in ("commit_rows=16", *budgets):
                 cmd += ["--set", s]
             return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -293,7 +300,7 @@ def test_the_pacs_stopped_mid_run_is_an_unreachable_store(tmp_path: Path, data_d
         assert not [e for e in entries.values() if e.status == "quarantined"]
 
         server.start()  # same storage, same port
-        second = cli("o2", "--json")
+        second = cli("o2", "--json", patient=True)
         out, err = second.communicate(timeout=600)
         assert second.returncode == 0, err[-3000:]
         assert json.loads(out)["indexed"] == len(uids) - len(entries)
