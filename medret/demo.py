@@ -253,12 +253,13 @@ class Demo:
         from medret.index.store import connect
         from medret.pipelines.backfill import run_index
         from medret.pipelines.config import IndexJobConfig
+        from medret.slides.store import slides_table
 
         t = time.perf_counter()
         db = connect(self.index_uri, self.s3)
         table = self.cfg.table
         for name in db.list_tables().tables:  # the demo rebuilds its tables (and manifests) every run
-            if name in (table, manifest_name(table)) or name.startswith(f"{table}-"):
+            if name in (table, manifest_name(table), slides_table(table)) or name.startswith(f"{table}-"):
                 db.drop_table(name)
         self.say(f"backfill: Ray Data job {self.archive_uri} -> {self.index_uri} table {self.cfg.table}")
         job = IndexJobConfig(
@@ -397,7 +398,7 @@ def check_port(host: str, port: int) -> None:
 
 def first_per_organ(split: Any, part: str, n: int) -> Any:
     """The split with ``part`` cut to ``n`` images of each organ, evenly spaced through the benchmark order
-    (which runs class by class, so every class keeps its share); the order is kept."""
+    (the gallery's is a fixed shuffle, so each class keeps about its share); the order is kept."""
     from dataclasses import replace
 
     from medret.eval.benchmarks import Part

@@ -31,6 +31,7 @@ FLOORS: dict[str, int] = {
     # 4: code tables and search; the training methods
     "index": 4,
     "methods": 4,
+    "slides": 4,
     # 5: scoring
     "eval": 5,
     # 6: the jobs

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from medret.cli.options import DEFAULT_INDEX, add_index, add_json, add_s3, add_table
 
@@ -16,6 +17,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="query image: PNG/JPEG, DICOM, NIfTI or a slide tile")
     what.add_argument("--item", help="an indexed item id: find the items similar to it")
+    what.add_argument(
+        "--slide",
+        help="a slide: an indexed one (its id, the source URI, or its file name), or one at a URI under the "
+        "index's sources (tiled and encoded now): find the slides similar to it",
+    )
+    parser.add_argument(
+        "--method",
+        default="median_min",
+        choices=("median_min", "symmetric", "vote"),
+        help="--slide matching: median over the query's tiles of the nearest tile's distance (default), both "
+        "directions' mean, or a vote of nearest tiles",
+    )
     parser.add_argument("--k", type=int, default=10, help="number of results (default 10)")
     parser.add_argument(
         "--kind",
@@ -68,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         code = engine.encode(idx, [q.image])[0]
         rows = engine.search(idx, code, args.k, filters=flat)
         query = {"image": str(path), "kind": q.kind, **q.meta}
+    elif args.slide:
+        return _slides(engine, args, t0)
     else:
         idx = engine.index(args.table)
         rows = engine.similar(idx.name, args.item, args.k, filters=flat)
@@ -82,4 +97,32 @@ def run(args: argparse.Namespace) -> int:
         meta = " ".join(f"{k}={r[k]}" for k in ("modality", "dataset", "label") if r.get(k))
         meta += f" ({r['label_name']})" if r.get("label_name") else ""
         print(f"  {r['rank'] + 1:3d}. distance {r['distance']:3d}  {r['item_id']}  {meta}")
+    return 0
+
+
+def _slides(engine: Any, args: argparse.Namespace, t0: float) -> int:
+    """``--slide``: the slides most like an indexed slide, with the matched tile pairs (the service's code path)."""
+    from medret.errors import NotFound
+
+    try:
+        idx, found = engine.similar_slides(args.table, args.slide, args.k, args.method)
+    except NotFound:
+        if "/" not in args.slide:
+            raise
+        idx, found = engine.similar_to_slide_at(args.table, args.slide, args.k, args.method)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        out = {"table": idx.name, "encoder_id": idx.encoder_id, "method": args.method, **found, "seconds": seconds}
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    q = found["query"]
+    print(
+        f"{idx.name}: top {len(found['results'])} slides like {q['slide_id']} ({q['bag_size']} tiles in its bag, "
+        f"{args.method}) in {seconds:.2f} s"
+    )
+    for rank, h in enumerate(found["results"], start=1):
+        label = f"  label={h['label']}" if h.get("label") else ""
+        print(f"  {rank:3d}. distance {h['distance']:6.2f}  {h['id']}  ({h['n_tiles']} tiles){label}")
+        for e in h["evidence"][:3]:
+            print(f"         ({e['query_x']}, {e['query_y']}) -> ({e['x']}, {e['y']})  distance {e['distance']}")
     return 0

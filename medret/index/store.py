@@ -43,6 +43,16 @@ def connect(uri: str, s3: S3Config | None = None) -> Any:
     return lancedb.connect(uri, storage_options=lance_storage_options(uri, s3))
 
 
+#: the tables medret keeps beside a code table ``T``: ``T__manifest`` (what was indexed) and ``T__slides``
+#: (slide search's bags); they are not code tables themselves
+COMPANION_SUFFIXES = ("__manifest", "__slides")
+
+
+def is_code_table(name: str) -> bool:
+    """Whether ``name`` is a code table (not one of the companions kept beside one)."""
+    return not name.endswith(COMPANION_SUFFIXES)
+
+
 def list_tables(uri: str, s3: S3Config | None = None) -> list[str]:
     return sorted(connect(uri, s3).list_tables().tables)
 

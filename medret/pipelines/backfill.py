@@ -370,6 +370,15 @@ def _finish(cfg: IndexJobConfig, index: CodeIndex, summary: Summary) -> None:
         summary.stage_seconds["compact"] = time.perf_counter() - t
         _say(cfg, f"compacted the table: {merged} fewer fragments, {index.fragments} now")
 
+    def slides() -> None:  # every slide with tiles has exactly one current bag, no bag outlives its slide
+        from medret.slides.store import sync_job_slides
+
+        done = sync_job_slides(index, None, cfg.mosaic_config(), cfg.s3)
+        if done and (done["written"] or done["deleted"]):
+            _say(cfg, f"slide bags: {done['written']} made, {done['deleted']} removed, {done['slides']} slides")
+
+    _index_call(f"writing the slide bags at {cfg.index.uri}", slides)
+
     def state() -> None:
         index.refresh()
         summary.index.update(rows=index.count(), version=index.version, fragments=index.fragments)

@@ -18,12 +18,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from medret import kinds
 from medret import observability as obs
 from medret.errors import DataError, IndexStoreError, MedretError, QuarantineStormError
 from medret.index.manifest import Entry, Manifest
 from medret.index.store import CodeIndex
 from medret.pipelines.config import IndexJobConfig
 from medret.pipelines.sources import SourceObject
+from medret.slides.store import sync_job_slides
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +210,14 @@ class Commits:
             raise
         except Exception as err:  # committed but not recorded: the next run replaces them, same ids
             raise IndexStoreError(f"recording the manifest at {self.index.uri}: {err}") from err
+        slides = [u for u in uris if kinds.get(self.objects[u].kind).tiles]
+        if slides:  # their bags for slide search, from the tiles just committed
+            try:
+                sync_job_slides(self.index, slides, self.cfg.mosaic_config(), self.cfg.s3)
+            except MedretError:
+                raise
+            except Exception as err:  # the tiles are committed; the job's final reconcile redoes the bags
+                raise IndexStoreError(f"writing the slide bags at {self.index.uri}: {err}") from err
         for u in uris:
             del self.ready[u]
             self.ready_items -= self.items.pop(u, 0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -77,6 +77,26 @@ class Resources(Frozen):
 class IndexJobConfig(Frozen):
     """``medret index`` / ``jobs/backfill.py`` / ``jobs/incremental.py``."""
 
+    @field_validator("mosaic")
+    @classmethod
+    def _mosaic(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from medret.errors import ConfigError
+        from medret.slides.mosaic import MosaicConfig
+
+        try:
+            MosaicConfig(**v)
+        except TypeError as err:
+            raise ValueError(f"unknown mosaic field: {err}") from None
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return v
+
+    def mosaic_config(self) -> Any:
+        """The slide mosaic as :class:`medret.slides.mosaic.MosaicConfig`."""
+        from medret.slides.mosaic import MosaicConfig
+
+        return MosaicConfig(**self.mosaic)
+
     source: str = Field(
         description="s3://bucket/prefix, a local folder, or a DICOMweb server: dicomweb+https://host/prefix[?filters]"
     )
@@ -104,6 +124,11 @@ class IndexJobConfig(Frozen):
         "wsi wsi-tiles; raster and npz the encoder's)",
     )
     tiling: TilingConfig = TilingConfig()
+    mosaic: dict[str, Any] = Field(
+        default_factory=dict,
+        description="how each slide's bag of tiles for slide search is chosen (medret.slides.mosaic.MosaicConfig "
+        "fields: clusters, fraction, min_per_cluster, max_per_slide, by, seed); empty: the defaults",
+    )
     resources: Resources = Resources()
     on_error: Literal["quarantine", "skip", "fail"] = Field(
         default="quarantine",
@@ -169,7 +194,7 @@ class IndexJobConfig(Frozen):
         import re
 
         for kind, name in v.items():
-            if not re.match(_TABLE, name) or name.endswith("__manifest"):
+            if not re.match(_TABLE, name) or name.endswith(("__manifest", "__slides")):
                 raise ValueError(f"{kind}: {name!r} is not a table name (letters, digits, '_' and '-', at most 64)")
         return v
 

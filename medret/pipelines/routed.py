@@ -242,10 +242,10 @@ def run_routed(cfg: IndexJobConfig) -> Summary:
 def _warn_overlaps(cfg: IndexJobConfig, routes: list[TableRoute]) -> None:
     """Say so when another table of the index records kinds this job sends elsewhere (a table renamed, an
     encoder replaced): the query service could answer such uploads from either; remove the old table."""
-    from medret.index.store import CodeIndex, list_tables
+    from medret.index.store import CodeIndex, is_code_table, list_tables
 
     def others() -> dict[str, tuple[str, ...]]:
-        names = [t for t in list_tables(cfg.index.uri, cfg.s3) if t not in ours and not t.endswith("__manifest")]
+        names = [t for t in list_tables(cfg.index.uri, cfg.s3) if t not in ours and is_code_table(t)]
         return {t: CodeIndex.open(cfg.index.uri, table=t, s3=cfg.s3).serves or () for t in names}
 
     ours = {r.table for r in routes}

@@ -12,7 +12,8 @@ It is a facade over one module per concern:
 - :mod:`medret.serve.encoders`: the table's encoder, loaded once;
 - :mod:`medret.serve.uploads`: an upload -> the prepared image, through :mod:`medret.kinds`;
 - :mod:`medret.serve.search`: top-k by code or by item, one item's row;
-- :mod:`medret.serve.thumbnails`: an item rendered again from its source, within the roots.
+- :mod:`medret.serve.thumbnails`: an item rendered again from its source, within the roots;
+- :mod:`medret.serve.slides`: slide-level search over the tables' slide bags.
 """
 
 from __future__ import annotations
@@ -25,18 +26,22 @@ import numpy as np
 import numpy.typing as npt
 
 from medret import kinds
-from medret.errors import MedretError
+from medret.errors import DataError, MedretError
 from medret.index.store import CodeIndex
 from medret.models.encoder import Encoder
 from medret.serve import uploads
 from medret.serve.config import ServiceConfig
 from medret.serve.encoders import Encoders
 from medret.serve.search import Searcher
+from medret.serve.slides import SlideSearch, slide_kind
 from medret.serve.tables import Tables, read_context
 from medret.serve.thumbnails import Thumbnails
 from medret.serve.uploads import Query
 
 log = logging.getLogger(__name__)
+
+#: tiles read from a slide queried by URI (spread evenly over its tissue): bounds a query's cost
+QUERY_SLIDE_TILES = 256
 
 
 class QueryEngine:
@@ -48,6 +53,7 @@ class QueryEngine:
         self.encoders = Encoders(cfg.checkpoint)
         self.searcher = Searcher(cfg, self.catalog)
         self.thumbnails = Thumbnails(cfg)
+        self.slide_search = SlideSearch(cfg.s3)
 
     # -- tables ------------------------------------------------------------------------
     def index(self, table: str | None = None) -> CodeIndex:
@@ -145,6 +151,66 @@ class QueryEngine:
     ) -> list[dict[str, Any]]:
         """Top-``k`` hits for an indexed item's own code, the item itself left out."""
         return self.searcher.similar(table, item_id, k, filters=filters)
+
+    # -- slides ------------------------------------------------------------------------
+    def slides(self, table: str | None) -> tuple[CodeIndex, list[dict[str, Any]]]:
+        """The table's indexed slides (from its slide table); default: the table that serves slides."""
+        idx = self.index(table or self.catalog.for_kind(slide_kind()))
+        return idx, self.slide_search.slides(idx)
+
+    def similar_slides(self, table: str | None, slide: str, k: int, method: str) -> tuple[CodeIndex, dict[str, Any]]:
+        """The ``k`` slides most like the indexed slide ``slide`` (its id: the source URI, or its name)."""
+        idx = self.index(table or self.catalog.for_kind(slide_kind()))
+        return idx, self.slide_search.similar(idx, slide, k, method)
+
+    def similar_to_slide_at(self, table: str | None, uri: str, k: int, method: str) -> tuple[CodeIndex, dict[str, Any]]:
+        """The ``k`` slides most like a slide that is not indexed, read from ``uri`` (under the roots the
+        service may read): tiled over tissue on the table's grid and mpp, at most ``QUERY_SLIDE_TILES`` tiles
+        evenly spread over the tissue, encoded by the table's encoder; its bag chosen by the table's rule."""
+        import dataclasses
+        import json
+
+        from medret.kinds import Unit
+
+        idx = self.index(table or self.catalog.for_kind(slide_kind()))
+        store, key = self.thumbnails.store_for(idx, uri)
+        ctx = read_context(idx, pixel_budget=self.cfg.pixel_budget, store=store)
+        kind = kinds.get(slide_kind())
+        unit = Unit(uri, key, store.info(key).etag)
+        positions = [p for plan in kind.plan(ctx, unit) for p in json.loads(plan)]
+        if not positions:
+            raise DataError(f"{uri[:200]}: no tile of the slide has enough tissue at {ctx.tiling.mpp:g} mpp")
+        if len(positions) > QUERY_SLIDE_TILES:
+            keep = np.unique(np.linspace(0, len(positions) - 1, QUERY_SLIDE_TILES).round().astype(np.int64))
+            positions = [positions[i] for i in keep]
+        items, _, _ = kind.read_items(ctx, dataclasses.replace(unit, plan=json.dumps(positions)))
+        codes = self.encode(idx, [it.image for it in items])
+        xy = np.array([[int(it.meta["tile_x"]), int(it.meta["tile_y"])] for it in items], np.int64)
+        query = {"uri": uri, "slide_id": uri.rsplit("/", 1)[-1], "tiles_on_tissue": len(positions)}
+        return idx, self.slide_search.of_codes(idx, codes, xy, query, k, method)
+
+    def search_region(
+        self, idx: CodeIndex, data: bytes, filename: str, mpp: float, k: int, method: str
+    ) -> dict[str, Any]:
+        """The ``k`` slides most like an uploaded slide region at ``mpp`` microns per pixel."""
+        from medret.io.raster import read_raster
+        from medret.preprocess.wsi.tiling import SlideTiles
+
+        name = uploads.upload_name(filename)
+        uploads.kind_of(data, name, max_bytes=self.cfg.max_upload_bytes, kind="image")  # size and format checked
+        ctx = read_context(idx, pixel_budget=self.cfg.pixel_budget)
+        rgb = np.asarray(read_raster(data, name=name, pixel_budget=self.cfg.pixel_budget).frame(0))
+        if rgb.ndim == 2:
+            rgb = np.repeat(rgb[..., None], 3, axis=2)
+        recipe = ctx.recipe(slide_kind())
+
+        def prepare(tile: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+            (prepared,) = recipe(SlideTiles.of_region(tile, ctx.tiling), input_size=ctx.input_size)
+            return np.asarray(prepared.image, np.float32)
+
+        return self.slide_search.region(
+            idx, rgb[..., :3], name, mpp, k, lambda images: self.encode(idx, images), prepare, method
+        )
 
     # -- thumbnails --------------------------------------------------------------------
     def thumbnail(self, table: str | None, item_id: str) -> bytes:

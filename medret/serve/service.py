@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve.context import _get_internal_replica_context
 
 from medret import observability as obs
-from medret.errors import Busy, CorruptFileError, MedretError
+from medret.errors import Busy, CorruptFileError, MedretError, NotFound
 from medret.index.store import CodeIndex
 from medret.serve.config import ServiceConfig
 from medret.serve.engine import QueryEngine
@@ -96,6 +96,39 @@ class Service:
         finally:
             self._heavy_admitted -= 1
 
+    async def similar_slides(self, table: str | None, slide: str, k: int, method: str) -> tuple[CodeIndex, Any]:
+        """Slides like an indexed slide (cheap), else like the slide at that URI under the roots (read, tiled
+        and encoded on the bounded pool, like a volume)."""
+        try:
+            return await asyncio.to_thread(self.engine.similar_slides, table, slide, k, method)
+        except NotFound:
+            if "/" not in slide:  # a name, not a URI: nothing to read
+                raise
+        if self._heavy_admitted >= self.cfg.heavy_queue:
+            raise Busy(f"{slide[:200]}: {self._heavy_admitted} expensive queries are already running; retry shortly")
+        self._heavy_admitted += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._heavy, self.engine.similar_to_slide_at, table, slide, k, method)
+        finally:
+            self._heavy_admitted -= 1
+
+    async def search_region(
+        self, idx: CodeIndex, data: bytes, name: str, mpp: float, k: int, method: str
+    ) -> dict[str, Any]:
+        """Slide search by an uploaded region: tiled and encoded on the bounded pool, like a volume."""
+        if self._heavy_admitted >= self.cfg.heavy_queue:
+            raise Busy(
+                f"{name[:200]}: {self._heavy_admitted} expensive uploads are already being prepared "
+                f"(heavy_queue={self.cfg.heavy_queue}); retry shortly"
+            )
+        self._heavy_admitted += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._heavy, _search_region, self.engine, idx, data, name, mpp, k, method)
+        finally:
+            self._heavy_admitted -= 1
+
     async def encode(self, idx: CodeIndex, image: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
         """The upload's packed code, through the batch queue inside a Serve replica."""
         result = await self.encode_batched((idx, image))
@@ -109,6 +142,17 @@ def _limit_itk(threads: int) -> None:
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _search_region(
+    engine: QueryEngine, idx: CodeIndex, data: bytes, name: str, mpp: float, k: int, method: str
+) -> dict[str, Any]:
+    try:
+        return engine.search_region(idx, data, name, mpp, k, method)
+    except MedretError:
+        raise
+    except Exception as err:  # a decoder tripped over bad bytes: still the upload's fault
+        raise CorruptFileError(name, f"could not decode: {type(err).__name__}: {err}") from err
 
 
 def _prepare(

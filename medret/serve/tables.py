@@ -21,7 +21,7 @@ from typing import Any
 
 from medret import kinds
 from medret.errors import NotFound, TableNotFoundError
-from medret.index.store import CodeIndex, list_tables
+from medret.index.store import CodeIndex, is_code_table, list_tables
 from medret.kinds import ReadContext
 from medret.preprocess.wsi.tiling import TilingConfig
 from medret.serve.config import TABLE_NAME, ServiceConfig
@@ -72,7 +72,7 @@ class Tables:
         now = time.monotonic()
         with self._lock:
             if self._names is None or now - self._names[0] >= self.cfg.refresh_s:
-                names = [t for t in list_tables(self.cfg.index, self.cfg.s3) if not t.endswith("__manifest")]
+                names = [t for t in list_tables(self.cfg.index, self.cfg.s3) if is_code_table(t)]
                 self._names = (now, names)
             return list(self._names[1])
 
@@ -88,7 +88,7 @@ class Tables:
     def open(self, table: str | None = None) -> CodeIndex:
         """The table, following new versions at most every ``refresh_s`` seconds."""
         name = table or self.default()
-        if not TABLE_NAME.match(name) or name.endswith("__manifest"):
+        if not TABLE_NAME.match(name) or not is_code_table(name):
             raise NotFound(f"no code table {name[:80]!r}: table names are letters, digits, '_' and '-'")
         with self._lock:
             idx = self._open.get(name)
