@@ -56,8 +56,32 @@ def ray_local() -> Iterator[None]:
     ray.shutdown()
 
 
+#: the longest test modules (minutes each: real Ray jobs, kills and reruns, the demo), run first so that
+#: pytest-xdist's two workers (``-n 2 --dist loadfile`` in pyproject.toml) finish together
+SLOW_FIRST = (
+    "train/test_train.py",
+    "pipelines/test_ingest.py",
+    "storage/test_storage_faults.py",
+    "test_demo.py",
+    "slides/test_slide_table.py",
+    "train/test_archive.py",
+    "serve/test_serve.py",
+    "pipelines/test_jobs.py",
+    "cli/test_cli.py",
+    "storage/test_dicomweb.py",
+)
+
+
+def _slow_rank(item: pytest.Item) -> int:
+    path, tests = Path(str(item.path)).resolve(), Path(__file__).resolve().parent
+    rel = path.relative_to(tests).as_posix() if path.is_relative_to(tests) else ""  # doctests live in medret/
+    return SLOW_FIRST.index(rel) if rel in SLOW_FIRST else len(SLOW_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``gpu`` tests run only where CUDA is (a GPU machine: ``pytest -m gpu``); elsewhere they are skipped."""
+    """The slowest modules first (a stable sort: each module's own order is kept). ``gpu`` tests run only
+    where CUDA is (a GPU machine: ``pytest -m gpu``); elsewhere they are skipped."""
+    items.sort(key=_slow_rank)
     if not any("gpu" in item.keywords for item in items):
         return
     import torch
