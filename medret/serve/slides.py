@@ -26,6 +26,10 @@ from medret.slides.match import SlideHit, search
 from medret.slides.mosaic import select_mosaic
 from medret.slides.store import SlideBags, bag_codes
 
+#: the most tiles an uploaded region may be cut into at the index's mpp (each is encoded: this bounds the cost
+#: of a request, e.g. a small image claiming a huge mpp that would be scaled up to hundreds of tiles)
+MAX_REGION_TILES = 64
+
 #: slide matching rules a request may name (``median_min`` is the default)
 METHODS = ("median_min", "symmetric", "vote")
 
@@ -208,13 +212,20 @@ def region_tiles(
     scale = mpp / target_mpp
     h, w = rgb.shape[:2]
     out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
-    if (out_w, out_h) != (w, h):
-        rgb = resize_rgb(rgb, (out_w, out_h))
+    at = f"{w}x{h} px at {mpp:g} mpp is {out_w}x{out_h} px at the index's {target_mpp:g} mpp"
     if out_w < tile_px or out_h < tile_px:
         raise DataError(
-            f"{name}: {w}x{h} px at {mpp:g} mpp is {out_w}x{out_h} px at the index's {target_mpp:g} mpp, smaller "
-            f"than one {tile_px}-px tile; upload a larger region (or search by tile with POST /v1/search)"
+            f"{name}: {at}, smaller than one {tile_px}-px tile; upload a larger region (or search by tile with "
+            "POST /v1/search)"
         )
+    n_tiles = (out_w // tile_px) * (out_h // tile_px)
+    if n_tiles > MAX_REGION_TILES:  # checked before any pixel is rescaled
+        raise DataError(
+            f"{name}: {at}, {n_tiles} tiles of {tile_px} px; a region may hold at most {MAX_REGION_TILES}. "
+            "Upload a smaller region, check its mpp, or search by the whole slide (GET /v1/slides/{id}/similar)"
+        )
+    if (out_w, out_h) != (w, h):
+        rgb = resize_rgb(rgb, (out_w, out_h))
     tiles, xy, frac = [], [], []
     for y in range(0, out_h - tile_px + 1, tile_px):
         for x in range(0, out_w - tile_px + 1, tile_px):

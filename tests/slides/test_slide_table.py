@@ -195,6 +195,9 @@ def test_slides_like_an_uploaded_region_and_the_errors(api: TestClient, slides: 
     Image.fromarray(rgb[:100, :100]).save(small, format="PNG")
     r = api.post("/v1/search/slide", files={"file": ("s.png", small.getvalue())}, data={"mpp": "0.5"})
     assert r.status_code == 422 and "s.png" in r.text and "smaller than one 224-px tile" in r.text
+    # a small image claiming a huge mpp would be scaled up to hundreds of tiles: refused before any work
+    r = api.post("/v1/search/slide", files={"file": ("s.png", small.getvalue())}, data={"mpp": "97"})
+    assert r.status_code == 422 and "a region may hold at most 64" in r.text
     r = api.post("/v1/search/slide", files={"file": ("x.png", b"not an image")}, data={"mpp": "0.5"})
     assert 400 <= r.status_code < 500 and "x.png" in r.text
     assert api.get("/v1/slides/nope/similar").status_code == 404

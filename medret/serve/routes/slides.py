@@ -78,7 +78,9 @@ class SlideSearchResponse(BaseModel):
 
 
 def slide_similar_url(table: str, slide: str) -> str:
-    """>>> slide_similar_url("t", "/a/b.svs")
+    """The similar-slides URL of a slide.
+
+    >>> slide_similar_url("t", "/a/b.svs")
     '/v1/slides/%2Fa%2Fb.svs/similar?table=t'
     """
     return f"/v1/slides/{quote(slide, safe='')}/similar?table={quote(table, safe='')}"
