@@ -229,9 +229,10 @@ class SlideBags:
             return {"written": 0, "deleted": 0}
         where = f"source_uri IN ({', '.join(quote(u) for u in sorted(set(source_uris)))})"
         slides = self._tiles(where)
-        written = self._write(slides, self._digests(where))
+        known = self._digests(where)
+        written = self._write(slides, known)
         gone = sorted(set(source_uris) - {s.source_uri for s in slides})
-        stale = [u for u in gone if u in self._digests(where)]
+        stale = [u for u in gone if u in known]
         self._delete(stale)
         return {"written": written, "deleted": len(stale)}
 

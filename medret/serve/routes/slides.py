@@ -14,9 +14,8 @@ from urllib.parse import quote
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from pydantic import BaseModel
 
-from medret.errors import ConfigError
 from medret.serve.routes.deps import AUTH, ServiceDep
-from medret.serve.routes.search import item_urls
+from medret.serve.routes.search import _check_k, item_urls
 from medret.serve.slides import slide_kind
 
 Method = Literal["median_min", "symmetric", "vote"]
@@ -84,11 +83,6 @@ def slide_similar_url(table: str, slide: str) -> str:
     '/v1/slides/%2Fa%2Fb.svs/similar?table=t'
     """
     return f"/v1/slides/{quote(slide, safe='')}/similar?table={quote(table, safe='')}"
-
-
-def _check_k(k: int, max_k: int) -> None:
-    if k > max_k:
-        raise ConfigError(f"k must be at most {max_k}, got {k}")
 
 
 def _hits(table: str, found: dict[str, Any]) -> list[SlideHit]:
