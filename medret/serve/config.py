@@ -43,6 +43,12 @@ class ServiceConfig(Frozen):
         description="search tables at least this large through their IVF index (CodeIndex.create_ivf), if any",
     )
     ivf_nprobes: int = Field(default=20, ge=1, description="IVF partitions probed per query")
+    mih_min_rows: int | None = Field(
+        default=100_000,
+        ge=1,
+        description="build an exact multi-index (hashing) for tables at least this large and answer through it "
+        "where it measures faster than the scan (results are identical); null: always scan",
+    )
     token: str | None = Field(
         default=None,
         repr=False,

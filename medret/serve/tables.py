@@ -95,6 +95,7 @@ class Tables:
             if idx is None:
                 try:
                     idx = self._open[name] = CodeIndex.open(self.cfg.index, table=name, s3=self.cfg.s3)
+                    idx.live.min_rows = self.cfg.mih_min_rows
                 except TableNotFoundError as err:
                     raise NotFound(str(err)) from err
             else:
@@ -116,8 +117,8 @@ class Tables:
         raise NotFound(f"no table at {self.cfg.index} serves {kind} objects (kinds by table: {said}); name a table")
 
     def describe(self) -> list[dict[str, Any]]:
-        """Each table's name, size, version, encoder, recipes, and the kinds and modality it serves
-        (what ``GET /v1/tables`` answers)."""
+        """Each table's name, size, version, encoder, recipes, the kinds and modality it serves, and how its
+        exact search answers (scan or multi-index, with measured times; what ``GET /v1/tables`` answers)."""
         out = []
         for name in self.names():
             idx = self.open(name)
@@ -131,6 +132,7 @@ class Tables:
                     "recipes": recipes_of(idx),
                     "kinds": kinds_of(idx),
                     "modality": idx.encoder.modality,
+                    "search": idx.live.stats(),
                 }
             )
         return out

@@ -35,6 +35,7 @@ class TableInfo(BaseModel):
     recipes: dict[str, Any]
     kinds: list[str]  # the kinds of object its indexing job sent to it: uploads of these are answered from it
     modality: str  # its encoder's (``any`` for a general encoder)
+    search: dict[str, Any] = {}  # how exact search answers: "scan" or "mih", the multi-index's size, measured times
 
 
 class Health(BaseModel):
