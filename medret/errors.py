@@ -52,6 +52,19 @@ class IndexStoreError(InfrastructureError, OSError):
     """The storage under a code table (a folder or ``s3://``) could not be read or written."""
 
 
+class SearchUnavailableError(InfrastructureError, RuntimeError):
+    """A sharded code table could not answer in full: a shard died, is restarting, could not be reached
+    or did not answer in time (HTTP 503). No partial answer is ever given; retry later.
+
+    ``table`` is the table's name, ``shards`` the numbers of the shards that failed.
+    """
+
+    def __init__(self, message: str, *, table: str = "", shards: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.table = table
+        self.shards = shards
+
+
 class JobStoppedError(MedretError, RuntimeError):
     """An indexing job stopped before the end, losing nothing: the same command resumes it.
 

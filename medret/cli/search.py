@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--k", type=int, default=10, help="number of results (default 10)")
     parser.add_argument(
+        "--no-rerank",
+        action="store_true",
+        help="the pure Hamming order (default: the Hamming shortlist re-ranked by the items' compact features, "
+        "where the table keeps them)",
+    )
+    parser.add_argument(
         "--kind",
         default="auto",
         help="what to read --image as: auto (from its content), or a kind's upload mode "
@@ -78,14 +84,15 @@ def run(args: argparse.Namespace) -> int:
         data = path.read_bytes()
         idx = engine.route(args.table, data, path.name, args.kind)  # named, else a table serving its kind
         q = engine.prepare(idx, data, path.name, kind=args.kind, slice=args.slice, mpp=args.mpp)
-        code = engine.encode(idx, [q.image])[0]
-        rows = engine.search(idx, code, args.k, filters=flat)
+        codes, feats = engine.encode_features(idx, [q.image])
+        features = None if feats is None or args.no_rerank else feats[0]
+        rows = engine.search(idx, codes[0], args.k, filters=flat, features=features)
         query = {"image": str(path), "kind": q.kind, **q.meta}
     elif args.slide:
         return _slides(engine, args, t0)
     else:
         idx = engine.index(args.table)
-        rows = engine.similar(idx.name, args.item, args.k, filters=flat)
+        rows = engine.similar(idx.name, args.item, args.k, filters=flat, rerank=not args.no_rerank)
         query = {"item_id": args.item}
     seconds = time.perf_counter() - t0
     if args.json:
@@ -96,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         meta = " ".join(f"{k}={r[k]}" for k in ("modality", "dataset", "label") if r.get(k))
         meta += f" ({r['label_name']})" if r.get("label_name") else ""
-        print(f"  {r['rank'] + 1:3d}. distance {r['distance']:3d}  {r['item_id']}  {meta}")
+        sim = f" similarity {r['similarity']:.3f}" if "similarity" in r else ""
+        print(f"  {r['rank'] + 1:3d}. distance {r['distance']:3d}{sim}  {r['item_id']}  {meta}")
     return 0
 
 

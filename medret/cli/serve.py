@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="encoder checkpoint, if the one the table names is not reachable")
     parser.add_argument("--root", action="append", dest="roots", help="source prefix thumbnails may be read from")
     parser.add_argument("--replicas", type=int, help="Serve replicas (default 1)")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        help="split each table's codes over N Ray actors shared by the replicas (default 1: each replica holds them)",
+    )
     add_s3(parser)
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any ServiceConfig field, e.g. refresh_s=1"
@@ -53,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint": args.checkpoint,
             "roots": args.roots,
             "replicas": args.replicas,
+            "shards": args.shards,
             "s3.endpoint_url": args.s3_endpoint,
             **parse_sets(args.set),
         },

@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from medret.errors import SchemaError
+from medret.models import rerank
 from medret.models.encoder import EncoderConfig
 
 ENCODER_KEY = b"medret.encoder"
@@ -20,6 +21,8 @@ CHECKPOINT_KEY = b"medret.checkpoint"
 SCHEMA_VERSION_KEY = b"medret.schema_version"
 RECIPES_KEY = b"medret.recipes"  # how each kind of object was preprocessed (kind -> recipe, tiling)
 SERVES_KEY = b"medret.serves"  # the kinds a routed indexing job sends to this table (absent: every kind)
+FEATURES_KEY = b"medret.features"  # how the ``feature`` column's compact features are made (models/rerank.py)
+FEATURE_COLUMN = "feature"
 SCHEMA_VERSION = "1"
 
 # column -> (type, required). Optional columns may be omitted on write (they become null).
@@ -47,11 +50,14 @@ FILTER_COLUMNS = tuple(c for c in METADATA_COLUMNS if c not in ("extra", "indexe
 def code_schema(encoder: EncoderConfig, checkpoint: str = "", recipes: dict[str, Any] | None = None) -> pa.Schema:
     fields = [pa.field(name, typ, nullable=not req) for name, (typ, req) in METADATA_COLUMNS.items()]
     fields.append(pa.field("code", pa.list_(pa.uint8(), encoder.code_bytes), nullable=False))
+    # compact continuous features for re-ranking (null where an item has none; tables made before have no column)
+    fields.append(pa.field(FEATURE_COLUMN, pa.list_(pa.int8(), rerank.DIMS), nullable=True))
     metadata = {
         ENCODER_KEY: encoder.to_json().encode(),
         ENCODER_ID_KEY: encoder.encoder_id.encode(),
         CHECKPOINT_KEY: checkpoint.encode(),
         SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode(),
+        FEATURES_KEY: json.dumps(rerank.SPEC, sort_keys=True).encode(),
     }
     if recipes:
         metadata[RECIPES_KEY] = json.dumps(recipes, sort_keys=True).encode()
@@ -76,6 +82,11 @@ def serves_of(schema: pa.Schema) -> tuple[str, ...] | None:
     (a table of a single-encoder job: it takes every kind)."""
     raw = (schema.metadata or {}).get(SERVES_KEY)
     return tuple(json.loads(raw)) if raw else None
+
+
+def has_features(schema: pa.Schema) -> bool:
+    """Whether the table keeps compact features beside its codes (tables made before re-ranking do not)."""
+    return FEATURE_COLUMN in schema.names
 
 
 def checkpoint_of(schema: pa.Schema) -> str:

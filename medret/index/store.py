@@ -29,6 +29,7 @@ from medret.index import schema as sch
 from medret.index.filters import quote
 from medret.index.live import LiveSearch
 from medret.index.search import to_columns, topk_columns
+from medret.models import rerank
 from medret.models.codes import as_codes, to_words
 from medret.models.encoder import EncoderConfig
 from medret.storage.s3 import lance_storage_options
@@ -52,6 +53,20 @@ COMPANION_SUFFIXES = ("__manifest", "__slides")
 def is_code_table(name: str) -> bool:
     """Whether ``name`` is a code table (not one of the companions kept beside one)."""
     return not name.endswith(COMPANION_SUFFIXES)
+
+
+def features_column(col: pa.ChunkedArray) -> npt.NDArray[np.int8]:
+    """The ``feature`` column as (n, DIMS) int8, zeros where a row has none."""
+    arr = col.combine_chunks()
+    n = len(arr)
+    if n == 0:
+        return np.zeros((0, rerank.DIMS), np.int8)
+    child = arr.values.fill_null(0) if arr.values.null_count else arr.values
+    values = child.to_numpy(zero_copy_only=False)[arr.offset * rerank.DIMS : (arr.offset + n) * rerank.DIMS]
+    out = np.asarray(values, np.int8).reshape(n, rerank.DIMS).copy()
+    if arr.null_count:
+        out[~arr.is_valid().to_numpy(zero_copy_only=False)] = 0
+    return out
 
 
 def list_tables(uri: str, s3: S3Config | None = None) -> list[str]:
@@ -96,6 +111,7 @@ class _Snapshot:
     item_ids: npt.NDArray[np.object_]
     rowids: npt.NDArray[np.uint64]
     rowid_order: npt.NDArray[np.int64]
+    features: npt.NDArray[np.int8] | None = None  # (n, DIMS) compact features; zeros where a row has none
     id_order: npt.NDArray[np.int64] | None = None  # argsort of item_ids, built on the first lookup by id
     sorted_ids: npt.NDArray[np.object_] | None = None
 
@@ -118,6 +134,10 @@ class CodeIndex:
         self._last_refresh = time.monotonic()
         #: exact top-k across versions: multi-index hashing once the table is large enough (see live.py)
         self.live = LiveSearch(table=name)
+        #: a replica whose codes live in shards (index/shards.py): items are read by id from the table, and the
+        #: snapshot of every code is never loaded here
+        self.lean = False
+        self._at: tuple[int, Any] | None = None  # (version, dataset) last read by position at a pinned version
 
     # -- lifecycle -------------------------------------------------------------------
     @classmethod
@@ -171,6 +191,11 @@ class CodeIndex:
     @property
     def encoder_id(self) -> str:
         return self.encoder.encoder_id
+
+    @property
+    def has_features(self) -> bool:
+        """Whether rows keep compact features beside their codes (for re-ranking; ``models/rerank.py``)."""
+        return sch.has_features(self._table.schema)
 
     @property
     def version(self) -> int:
@@ -336,7 +361,8 @@ class CodeIndex:
         if self._snapshot is None or self._snapshot.version != v:
             t0 = time.perf_counter()
             ds = self._table.to_lance()
-            tbl = ds.to_table(columns=["item_id", "code"], with_row_id=True, scan_in_order=True)
+            columns = ["item_id", "code", *([sch.FEATURE_COLUMN] if self.has_features else [])]
+            tbl = ds.to_table(columns=columns, with_row_id=True, scan_in_order=True)
             n = tbl.num_rows
             flat = tbl.column("code").combine_chunks().values.to_numpy(zero_copy_only=False)
             codes = flat.reshape(n, self.encoder.code_bytes) if n else np.zeros((0, self.encoder.code_bytes), np.uint8)
@@ -351,6 +377,7 @@ class CodeIndex:
                 item_ids=ids.to_numpy(zero_copy_only=False),
                 rowids=rowids,
                 rowid_order=np.argsort(rowids, kind="stable"),
+                features=features_column(tbl.column(sch.FEATURE_COLUMN)) if self.has_features else None,
             )
             obs.INDEX_SIZE.labels(table=self.name).set(n)
             log.info("loaded %d codes of %s v%d in %.2fs", n, self.name, v, time.perf_counter() - t0)
@@ -386,8 +413,8 @@ class CodeIndex:
         """Exact top-``k`` item ids (``None`` pads) and distances, without reading metadata."""
         idx, dist = self.search_positions(query_codes, k, where=where)
         ids = self._snap().item_ids
-        out = np.asarray(ids[np.maximum(idx, 0)], dtype=object)
-        out[idx < 0] = None
+        out = np.full(idx.shape, None, dtype=object)
+        out[idx >= 0] = ids[idx[idx >= 0]]
         return out, dist
 
     def search(self, query_codes: npt.ArrayLike, k: int = 10, *, where: str | None = None) -> list[pa.Table]:
@@ -399,6 +426,47 @@ class CodeIndex:
         idx, dist = self.search_positions(query_codes, k, where=where)
         snap = self._snap()
         return [self._hits(snap, i[i >= 0], d[i >= 0]) for i, d in zip(idx, dist, strict=True)]
+
+    def search_reranked(
+        self,
+        query_code: npt.ArrayLike,
+        query_feature: npt.NDArray[np.int8],
+        k: int = 10,
+        *,
+        candidates: int = 100,
+        where: str | None = None,
+    ) -> pa.Table:
+        """Two-stage search for one query: the Hamming top ``max(k, candidates)``, re-ranked by the similarity
+        of their compact features to ``query_feature`` (most similar first; then distance, then row).
+
+        The hits carry ``similarity`` (cosine, from the int8 features) beside ``distance``. A table without
+        features, or rows without them, rank by similarity 0: such a table's order is the Hamming order.
+        """
+        idx, dist = self.search_positions(query_code, max(k, candidates), where=where)
+        found = idx[0] >= 0
+        pos, d = idx[0][found], dist[0][found]
+        snap = self._snap()
+        if snap.features is not None and len(pos):
+            sims = rerank.similarity(np.asarray(query_feature, np.int8), snap.features[pos])
+        else:
+            sims = np.zeros(len(pos), np.int32)
+        order = rerank.rerank_order(pos, d, sims)[:k]
+        hits = self._hits(snap, pos[order], d[order])
+        cos = sims[order].astype(np.float64) / rerank.SCALE**2
+        return hits.append_column("similarity", pa.array(np.round(cos, 4), pa.float64()))
+
+    def features_of(self, item_ids: Sequence[str]) -> npt.NDArray[np.int8] | None:
+        """Stored compact features of these items (None for a table without them); unknown ids raise KeyError."""
+        if self.lean:
+            if not self.has_features:
+                self._by_id(item_ids, ["item_id"])  # unknown ids still raise
+                return None
+            return features_column(self._by_id(item_ids, [sch.FEATURE_COLUMN]).column(sch.FEATURE_COLUMN))
+        snap, pos = self._lookup(item_ids)
+        missing = [i for i, p in zip(item_ids, pos, strict=True) if p < 0]
+        if missing:
+            raise KeyError(f"items not in table {self.name!r}: {missing[:5]}")
+        return None if snap.features is None else snap.features[pos]
 
     def _hits(self, snap: _Snapshot, pos: npt.NDArray[np.int64], dist: npt.NDArray[Any]) -> pa.Table:
         meta = snap.dataset.take(pos, columns=RESULT_COLUMNS)
@@ -422,8 +490,30 @@ class CodeIndex:
         pos = snap.id_order[at]
         return snap, np.where(sorted_ids[at] == ids, pos, -1).astype(np.int64)
 
+    def take_at(self, version: int, positions: npt.NDArray[np.int64], columns: Sequence[str]) -> pa.Table:
+        """Rows at these scan-order positions of table version ``version`` (a sharded search's hits): read
+        from that version, not from the snapshot."""
+        if self._at is None or self._at[0] != version:
+            self._at = (version, self._table.to_lance().checkout_version(version))
+        return self._at[1].take(np.asarray(positions, np.int64), columns=list(columns))
+
+    def _by_id(self, item_ids: Sequence[str], columns: Sequence[str]) -> pa.Table:
+        """These items' rows in the order given (lean: a filtered read, no snapshot); unknown ids raise KeyError."""
+        if not item_ids:
+            return self._table.schema.empty_table().select(list(columns))
+        clause = f"item_id IN ({', '.join(quote(i) for i in item_ids)})"
+        got = self._table.to_lance().to_table(columns=["item_id", *columns], filter=clause)
+        at = {i: r for r, i in enumerate(got.column("item_id").to_pylist())}
+        missing = [i for i in item_ids if i not in at]
+        if missing:
+            raise KeyError(f"items not in table {self.name!r}: {missing[:5]}")
+        return got.take(pa.array([at[i] for i in item_ids])).select(list(columns))
+
     def codes_of(self, item_ids: Sequence[str]) -> npt.NDArray[np.uint8]:
         """Stored codes of these items, in the order given; unknown ids raise KeyError."""
+        if self.lean:
+            col = self._by_id(item_ids, ["code"]).column("code").combine_chunks()
+            return col.flatten().to_numpy(zero_copy_only=False).reshape(len(item_ids), self.encoder.code_bytes)
         snap, pos = self._lookup(item_ids)
         missing = [i for i, p in zip(item_ids, pos, strict=True) if p < 0]
         if missing:
@@ -435,6 +525,12 @@ class CodeIndex:
         """Rows of these items (those that exist), read by position from the current snapshot."""
         if not item_ids:
             return self._table.schema.empty_table()
+        if self.lean:
+            got = self._table.to_lance().to_table(
+                columns=list(columns) if columns else None,
+                filter=f"item_id IN ({', '.join(quote(i) for i in item_ids)})",
+            )
+            return got
         snap, pos = self._lookup(item_ids)
         pos = np.unique(pos[pos >= 0])
         return snap.dataset.take(pos, columns=list(columns) if columns else None)

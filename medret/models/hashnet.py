@@ -191,16 +191,28 @@ class TorchHashEncoder:
         digest = state_digest(module.state_dict())
         return cls(config.model_copy(update={"weights_sha256": digest}), module)
 
-    def _batches(self, images: npt.NDArray[Any], which: str) -> npt.NDArray[np.float32]:
+    def _both(self, images: npt.NDArray[Any]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Backbone features and continuous codes of ``images``, in one pass."""
         x = to_input(images, self.config)
         self.module.eval()  # batch statistics never leak into codes, whatever touched the module before
-        outs = []
+        feats, codes = [], []
         with torch.inference_mode():
             for i in range(0, len(x), self.batch_size):
                 features, code = self.module.forward_code(x[i : i + self.batch_size].to(self.device))
-                outs.append((features if which == "features" else code).float().cpu().numpy())
-        width = self.module.hash.in_features if which == "features" else self.config.bits
-        return np.concatenate(outs) if outs else np.zeros((0, width), np.float32)
+                feats.append(features.float().cpu().numpy())
+                codes.append(code.float().cpu().numpy())
+        if not feats:
+            return np.zeros((0, self.module.hash.in_features), np.float32), np.zeros((0, self.config.bits), np.float32)
+        return np.concatenate(feats), np.concatenate(codes)
+
+    def _batches(self, images: npt.NDArray[Any], which: str) -> npt.NDArray[np.float32]:
+        features, code = self._both(images)
+        return features if which == "features" else code
+
+    def encode_with_features(self, images: npt.NDArray[Any]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+        """Packed codes and backbone features, one model pass (the indexing job keeps both)."""
+        features, code = self._both(images)
+        return pack_bits(code), features
 
     def forward_features(self, images: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         """Continuous backbone features (for re-ranking and inspection)."""

@@ -29,9 +29,10 @@ import pyarrow as pa
 
 from medret import kinds
 from medret.errors import DataError, MedretError, fault_of
-from medret.index.schema import METADATA_COLUMNS
+from medret.index.schema import FEATURE_COLUMN, METADATA_COLUMNS
 from medret.index.store import FragmentTarget
 from medret.kinds import Item, ReadContext, Unit
+from medret.models import rerank
 from medret.storage.cache import object_names
 
 log = logging.getLogger(__name__)
@@ -271,10 +272,18 @@ class Encode:
         t0 = time.perf_counter()
         ok = batch["ok"].astype(bool)
         codes = np.zeros((len(ok), self.encoder.config.code_bytes), np.uint8)
+        keep_features = self.target is not None and FEATURE_COLUMN in self.target.schema.names
+        features = np.zeros((len(ok), rerank.DIMS), np.int8) if keep_features else None
         if ok.any():
-            codes[ok] = self.encoder.encode(np.asarray(batch["image"])[ok])
+            images = np.asarray(batch["image"])[ok]
+            if features is not None:  # the table keeps compact features for re-ranking: one model pass for both
+                codes[ok], features[ok] = rerank.codes_and_features(self.encoder, images)
+            else:
+                codes[ok] = self.encoder.encode(images)
         out = {k: v for k, v in batch.items() if k != "image"}
         out["code"] = codes
+        if features is not None:
+            out["feature"] = features
         out["encode_s"] = np.full(len(ok), (time.perf_counter() - t0) / max(1, len(ok)))
         return out if self.target is None else write(out, self.target)
 
@@ -316,7 +325,11 @@ def write(batch: dict[str, npt.NDArray[Any]], target: FragmentTarget) -> pa.Tabl
     fragments: list[str] = []
     failed = ""  # the index storage could not take the fragments: the whole batch is retried next run
     try:
-        fragments = target.write(good["item_id"].tolist(), codes, **index_columns(good)) if ok.any() else []
+        columns = index_columns(good)
+        if "feature" in good:
+            feats = np.ascontiguousarray(good["feature"], dtype=np.int8)
+            columns["feature"] = pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel(), pa.int8()), feats.shape[1])
+        fragments = target.write(good["item_id"].tolist(), codes, **columns) if ok.any() else []
     except Exception as err:
         failed = f"writing codes to the index {target.dataset_uri}: {error_text(err)}"
         log.warning("%s", failed)

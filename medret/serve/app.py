@@ -31,6 +31,7 @@ from medret.errors import (
     NotFound,
     PixelBudgetError,
     SchemaError,
+    SearchUnavailableError,
     StorageError,
     UnsupportedFormatError,
     UploadTooLarge,
@@ -56,8 +57,8 @@ def status_of(err: BaseException) -> int:
         return 413
     if isinstance(err, UnsupportedFormatError):
         return 415
-    if isinstance(err, (EncoderMismatchError, Busy)):
-        return 503  # the service cannot answer this now: an operator's problem or a full queue, said plainly
+    if isinstance(err, (EncoderMismatchError, Busy, SearchUnavailableError)):
+        return 503  # the service cannot answer this now: an operator's problem, a full queue or a shard down
     if isinstance(err, (ConfigError, SchemaError, InvalidURIError)):
         return 400
     if isinstance(err, StorageError):
@@ -72,7 +73,7 @@ async def medret_error(request: Request, err: MedretError) -> JSONResponse:
     code = status_of(err)
     if code >= 500:
         log.error("%s %s: %s", request.method, request.url.path, err)
-    headers = {"Retry-After": "5"} if isinstance(err, Busy) else None
+    headers = {"Retry-After": "5"} if isinstance(err, (Busy, SearchUnavailableError)) else None
     return JSONResponse({"detail": public_message(str(err))}, status_code=code, headers=headers)
 
 

@@ -74,6 +74,12 @@ class ServiceConfig(Frozen):
     max_upload_bytes: int = Field(default=64 << 20, ge=1024)
     pixel_budget: int = Field(default=50_000_000, ge=1, description="most pixels an upload may declare")
     max_k: int = Field(default=1000, ge=1)
+    rerank_candidates: int = Field(
+        default=100,
+        ge=1,
+        description="a query re-ranks the Hamming top max(k, this) by the items' compact features, where the "
+        "table keeps them (rerank=false in a request: the pure Hamming order)",
+    )
     thumb_px: int = Field(default=128, ge=16, le=1024)
     batch_max_size: int = Field(default=32, ge=1, le=1024)
     batch_wait_s: float = Field(default=0.0, ge=0, le=1, description="how long a batch waits to fill")
@@ -91,6 +97,16 @@ class ServiceConfig(Frozen):
         default=(), description="Host header values accepted (e.g. medret.hospital.org); empty: any"
     )
     replicas: int = Field(default=1, ge=1)
+    shards: int = Field(
+        default=1,
+        ge=1,
+        description="split each table's codes over this many Ray actors (index/shards.py), shared by the replicas; "
+        "1: each replica holds its tables' codes itself",
+    )
+    shard_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves for each shard")
+    shard_timeout_s: float = Field(
+        default=10.0, gt=0, description="a query waits this long for its slowest shard, then answers 503"
+    )
 
     @field_validator("table")
     @classmethod

@@ -16,6 +16,7 @@ import numpy.typing as npt
 from medret import observability as obs
 from medret.errors import ConfigError, DataError, EncoderMismatchError
 from medret.index.store import CodeIndex
+from medret.models import rerank
 from medret.models.encoder import Encoder
 
 
@@ -58,3 +59,12 @@ class Encoders:
     def encode(self, idx: CodeIndex, images: Sequence[npt.NDArray[np.float32]]) -> npt.NDArray[np.uint8]:
         """Packed codes of prepared images, one model call, by the table's encoder."""
         return self.get(idx).encode(np.stack(images).astype(np.float32, copy=False))
+
+    def encode_features(
+        self, idx: CodeIndex, images: Sequence[npt.NDArray[np.float32]]
+    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int8] | None]:
+        """Packed codes and, where the table keeps them, compact features (for re-ranking): one model call."""
+        x = np.stack(images).astype(np.float32, copy=False)
+        if not idx.has_features:
+            return self.get(idx).encode(x), None
+        return rerank.codes_and_features(self.get(idx), x)

@@ -103,6 +103,12 @@ class QueryEngine:
         """Packed codes of prepared images, one model call, by the table's encoder."""
         return self.encoders.encode(idx, images)
 
+    def encode_features(
+        self, idx: CodeIndex, images: Sequence[npt.NDArray[np.float32]]
+    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int8] | None]:
+        """Packed codes and, where the table keeps them, compact features for re-ranking."""
+        return self.encoders.encode_features(idx, images)
+
     # -- uploads -----------------------------------------------------------------------
     def prepare(
         self,
@@ -134,9 +140,11 @@ class QueryEngine:
         *,
         filters: Mapping[str, Any] | None = None,
         exclude: str | None = None,
+        features: npt.NDArray[np.int8] | None = None,
     ) -> list[dict[str, Any]]:
-        """Top-``k`` hits (dicts) for one packed code; ``exclude`` drops that item (a by-id query's own)."""
-        return self.searcher.search(idx, codes, k, filters=filters, exclude=exclude)
+        """Top-``k`` hits (dicts) for one packed code; ``exclude`` drops that item (a by-id query's own);
+        with ``features``, the Hamming shortlist re-ranked by them."""
+        return self.searcher.search(idx, codes, k, filters=filters, exclude=exclude, features=features)
 
     def use_ivf(self, idx: CodeIndex) -> bool:
         """The approximate path, for tables at least ``ivf_min_rows`` large that have an IVF index."""
@@ -147,10 +155,17 @@ class QueryEngine:
         return self.searcher.item(table, item_id)
 
     def similar(
-        self, table: str | None, item_id: str, k: int = 10, *, filters: Mapping[str, Any] | None = None
+        self,
+        table: str | None,
+        item_id: str,
+        k: int = 10,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        rerank: bool = True,
     ) -> list[dict[str, Any]]:
-        """Top-``k`` hits for an indexed item's own code, the item itself left out."""
-        return self.searcher.similar(table, item_id, k, filters=filters)
+        """Top-``k`` hits for an indexed item's own code, the item itself left out (re-ranked by its stored
+        features where the table keeps them, unless ``rerank`` is off)."""
+        return self.searcher.similar(table, item_id, k, filters=filters, rerank=rerank)
 
     # -- slides ------------------------------------------------------------------------
     def slides(self, table: str | None) -> tuple[CodeIndex, list[dict[str, Any]]]:

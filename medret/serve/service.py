@@ -69,10 +69,10 @@ class Service:
                 loop = asyncio.get_running_loop()
                 images = [items[i][1] for i in members]
                 t0 = time.perf_counter()
-                codes = await loop.run_in_executor(self._model, self.engine.encode, idx, images)
+                codes, feats = await loop.run_in_executor(self._model, self.engine.encode_features, idx, images)
                 obs.QUERY_MODEL_SECONDS.observe(time.perf_counter() - t0)
                 for j, i in enumerate(members):
-                    out[i] = codes[j]
+                    out[i] = (codes[j], None if feats is None else feats[j])
             except Exception as err:  # each caller gets its error, the batch goes on
                 for i in members:
                     out[i] = err
@@ -129,12 +129,16 @@ class Service:
         finally:
             self._heavy_admitted -= 1
 
-    async def encode(self, idx: CodeIndex, image: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
-        """The upload's packed code, through the batch queue inside a Serve replica."""
+    async def encode(
+        self, idx: CodeIndex, image: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int8] | None]:
+        """The upload's packed code and (where its table keeps them) compact features, through the batch
+        queue inside a Serve replica."""
         result = await self.encode_batched((idx, image))
         if isinstance(result, BaseException):
             raise result
-        return np.asarray(result)
+        code, feature = result
+        return np.asarray(code), feature
 
 
 def _limit_itk(threads: int) -> None:

@@ -15,12 +15,14 @@ else from one that records none (:meth:`Tables.for_kind`).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from typing import Any
 
 from medret import kinds
 from medret.errors import NotFound, TableNotFoundError
+from medret.index.shards import ShardedIndex
 from medret.index.store import CodeIndex, is_code_table, list_tables
 from medret.kinds import ReadContext
 from medret.preprocess.wsi.tiling import TilingConfig
@@ -66,6 +68,7 @@ class Tables:
         self._lock = threading.RLock()
         self._open: dict[str, CodeIndex] = {}
         self._names: tuple[float, list[str]] | None = None
+        self._sharded: dict[str, ShardedIndex] = {}
 
     def names(self) -> list[str]:
         """The code tables (manifests left out), listed again at most every ``refresh_s`` seconds."""
@@ -96,11 +99,34 @@ class Tables:
                 try:
                     idx = self._open[name] = CodeIndex.open(self.cfg.index, table=name, s3=self.cfg.s3)
                     idx.live.min_rows = self.cfg.mih_min_rows
+                    idx.lean = self.cfg.shards > 1  # the codes live in the shards, not here
                 except TableNotFoundError as err:
                     raise NotFound(str(err)) from err
             else:
                 idx.refresh(min_interval_s=self.cfg.refresh_s)
         return idx
+
+    def sharded(self, idx: CodeIndex) -> ShardedIndex | None:
+        """The table's shards when the service shards its tables (``shards`` > 1), started on first use and
+        shared by every replica (named Ray actors); None otherwise."""
+        if self.cfg.shards <= 1:
+            return None
+        with self._lock:
+            sh = self._sharded.get(idx.name)
+            if sh is None:
+                tag = hashlib.sha256(self.cfg.index.encode()).hexdigest()[:12]
+                sh = self._sharded[idx.name] = ShardedIndex(
+                    self.cfg.index,
+                    idx.name,
+                    shards=self.cfg.shards,
+                    s3=self.cfg.s3,
+                    num_cpus=self.cfg.shard_cpus,
+                    timeout_s=self.cfg.shard_timeout_s,
+                    refresh_s=self.cfg.refresh_s,
+                    mih_min_rows=self.cfg.mih_min_rows,
+                    shared_as=f"medret-{tag}-{idx.name}",
+                )
+            return sh
 
     def for_kind(self, kind: str) -> str:
         """The table an upload of ``kind`` is answered from: among the tables whose recorded kinds include it,
@@ -132,7 +158,9 @@ class Tables:
                     "recipes": recipes_of(idx),
                     "kinds": kinds_of(idx),
                     "modality": idx.encoder.modality,
-                    "search": idx.live.stats(),
+                    "search": idx.live.stats()
+                    if self.cfg.shards <= 1
+                    else {"path": "shards", "shards": self.cfg.shards},
                 }
             )
         return out

@@ -21,6 +21,11 @@ from medret.serve.routes.deps import AUTH, ServiceDep
 from medret.serve.routes.schemas import Hit, SearchResponse
 from medret.serve.search import where
 
+RERANK = (
+    "re-rank the Hamming shortlist by the items' compact features where the table keeps them (hits then carry "
+    "similarity); false: the pure Hamming order"
+)
+
 
 def item_urls(table: str, item_id: str) -> tuple[str, str]:
     """The thumbnail and similar-items URLs of an item.
@@ -97,6 +102,7 @@ async def search(
     dataset: Annotated[str | None, Form()] = None,
     label: Annotated[str | None, Form()] = None,
     filters: Annotated[str | None, Form(description='JSON object, e.g. {"label": ["1", "2"]}')] = None,
+    rerank: Annotated[bool, Form(description=RERANK)] = True,
 ) -> SearchResponse:
     t0 = time.perf_counter()
     cfg, engine = service.cfg, service.engine
@@ -107,9 +113,10 @@ async def search(
     idx = await asyncio.to_thread(engine.route, table, data, name, kind)  # named, else by the upload's kind
     q = await service.prepare(idx, data, name, kind, slice, mpp)
     t1 = time.perf_counter()
-    code = await service.encode(idx, q.image)
+    code, feature = await service.encode(idx, q.image)
     t2 = time.perf_counter()
-    rows = await asyncio.to_thread(engine.search, idx, code, k, filters=chosen)
+    feature = feature if rerank else None
+    rows = await asyncio.to_thread(engine.search, idx, code, k, filters=chosen, features=feature)
     t3 = time.perf_counter()
     timings = {
         "prepare": q.timings["prepare"] * 1e3,
@@ -123,7 +130,14 @@ async def search(
         table=idx.name,
         encoder_id=idx.encoder_id,
         k=k,
-        query={"filename": name, "kind": q.kind, "bytes": len(data), "code": bytes(code).hex(), **q.meta},
+        query={
+            "filename": name,
+            "kind": q.kind,
+            "bytes": len(data),
+            "code": bytes(code).hex(),
+            "reranked": feature is not None,
+            **q.meta,
+        },
         results=hits(idx.name, rows),
         timings_ms={s: round(v, 3) for s, v in timings.items()},
     )
@@ -138,20 +152,21 @@ async def similar(
     dataset: str | None = None,
     label: str | None = None,
     filters: str | None = None,
+    rerank: Annotated[bool, Query(description=RERANK)] = True,
 ) -> SearchResponse:
     t0 = time.perf_counter()
     engine = service.engine
     _check_k(k, service.cfg.max_k)
     chosen = parse_filters(modality, dataset, label, filters)
     idx = await asyncio.to_thread(engine.index, table)
-    rows = await asyncio.to_thread(engine.similar, idx.name, item_id, k, filters=chosen)
+    rows = await asyncio.to_thread(engine.similar, idx.name, item_id, k, filters=chosen, rerank=rerank)
     total = (time.perf_counter() - t0) * 1e3
     obs.QUERY_STAGE_SECONDS.labels(stage="search").observe(total / 1e3)
     return SearchResponse(
         table=idx.name,
         encoder_id=idx.encoder_id,
         k=k,
-        query={"item_id": item_id},
+        query={"item_id": item_id, "reranked": rerank and idx.has_features},
         results=hits(idx.name, rows),
         timings_ms={"search": round(total, 3), "total": round(total, 3)},
     )
