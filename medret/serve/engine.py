@@ -93,6 +93,9 @@ class QueryEngine:
                 self.search(idx, self.encode(idx, [np.zeros(shape, np.float32)])[0], 1)
             except MedretError as err:  # a missing checkpoint: the requests will say so
                 log.warning("warm-up of table %s skipped: %s", name, err)
+        from medret.slides.match import warm as warm_slide_kernels
+
+        warm_slide_kernels()  # numba compiles them on first use: not during a slide query
 
     # -- the encoder -------------------------------------------------------------------
     def encoder(self, idx: CodeIndex) -> Encoder:

@@ -546,3 +546,13 @@ def search(
         tiles, tile_d = best_tiles(query, gallery, s)
         hits.append(SlideHit(str(gallery.ids[s]), s, float(dist[r]), tiles, tile_d))
     return hits
+
+
+def warm() -> None:
+    """Compile the kernels (numba compiles on first use: seconds on a busy machine, or loads its cache) on a
+    tiny gallery, so that a query service's first slide query does not pay for it."""
+    rng = np.random.default_rng(0)
+    gallery = BagGallery.build([rng.integers(0, 256, (3, 6), dtype=np.uint8) for _ in range(4)], list("abcd"))
+    query = rng.integers(0, 256, (2, 6), dtype=np.uint8)
+    for method in ("median_min", "symmetric", "vote"):
+        search(query, gallery, 2, method=method)
