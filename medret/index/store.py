@@ -37,6 +37,8 @@ from medret.storage.s3 import lance_storage_options
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = [c for c in sch.METADATA_COLUMNS if c != "encoder_id"]
+#: the default of :attr:`CodeIndex.metadata_in_memory_rows`: about 100-300 MB of ids, URIs and labels
+METADATA_IN_MEMORY_ROWS = 1_000_000
 
 
 def connect(uri: str, s3: S3Config | None = None) -> Any:
@@ -112,6 +114,7 @@ class _Snapshot:
     rowids: npt.NDArray[np.uint64]
     rowid_order: npt.NDArray[np.int64]
     features: npt.NDArray[np.int8] | None = None  # (n, DIMS) compact features; zeros where a row has none
+    meta: pa.Table | None = None  # the result columns of every row, for tables of at most metadata_in_memory_rows
     id_order: npt.NDArray[np.int64] | None = None  # argsort of item_ids, built on the first lookup by id
     sorted_ids: npt.NDArray[np.object_] | None = None
 
@@ -137,6 +140,8 @@ class CodeIndex:
         #: a replica whose codes live in shards (index/shards.py): items are read by id from the table, and the
         #: snapshot of every code is never loaded here
         self.lean = False
+        #: tables at most this large keep their hits' columns in memory with the codes (a take instead of a read)
+        self.metadata_in_memory_rows: int | None = METADATA_IN_MEMORY_ROWS
         self._at: tuple[int, Any] | None = None  # (version, dataset) last read by position at a pinned version
 
     # -- lifecycle -------------------------------------------------------------------
@@ -362,6 +367,9 @@ class CodeIndex:
             t0 = time.perf_counter()
             ds = self._table.to_lance()
             columns = ["item_id", "code", *([sch.FEATURE_COLUMN] if self.has_features else [])]
+            keep_meta = self.metadata_in_memory_rows is not None and ds.count_rows() <= self.metadata_in_memory_rows
+            if keep_meta:  # the hits' rows are then a take from memory, not a read of the table
+                columns += [c for c in RESULT_COLUMNS if c not in columns]
             tbl = ds.to_table(columns=columns, with_row_id=True, scan_in_order=True)
             n = tbl.num_rows
             flat = tbl.column("code").combine_chunks().values.to_numpy(zero_copy_only=False)
@@ -378,6 +386,7 @@ class CodeIndex:
                 rowids=rowids,
                 rowid_order=np.argsort(rowids, kind="stable"),
                 features=features_column(tbl.column(sch.FEATURE_COLUMN)) if self.has_features else None,
+                meta=tbl.select(RESULT_COLUMNS).combine_chunks() if keep_meta else None,
             )
             obs.INDEX_SIZE.labels(table=self.name).set(n)
             log.info("loaded %d codes of %s v%d in %.2fs", n, self.name, v, time.perf_counter() - t0)
@@ -469,7 +478,10 @@ class CodeIndex:
         return None if snap.features is None else snap.features[pos]
 
     def _hits(self, snap: _Snapshot, pos: npt.NDArray[np.int64], dist: npt.NDArray[Any]) -> pa.Table:
-        meta = snap.dataset.take(pos, columns=RESULT_COLUMNS)
+        if snap.meta is not None:
+            meta = snap.meta.take(pa.array(pos, pa.int64()))
+        else:
+            meta = snap.dataset.take(pos, columns=RESULT_COLUMNS)
         got = meta.column("item_id").to_numpy(zero_copy_only=False)
         assert (got == snap.item_ids[pos]).all(), "row positions out of sync with the snapshot"
         return meta.add_column(0, "distance", pa.array(dist, pa.int32())).add_column(

@@ -74,6 +74,12 @@ class ServiceConfig(Frozen):
     max_upload_bytes: int = Field(default=64 << 20, ge=1024)
     pixel_budget: int = Field(default=50_000_000, ge=1, description="most pixels an upload may declare")
     max_k: int = Field(default=1000, ge=1)
+    metadata_in_memory_rows: int | None = Field(
+        default=1_000_000,
+        ge=0,
+        description="tables at most this large keep their rows' metadata in memory beside the codes, so a hit's "
+        "row is a take, not a table read (about 100-300 bytes a row); null: always read from the table",
+    )
     rerank_candidates: int = Field(
         default=100,
         ge=1,

@@ -100,6 +100,7 @@ class Tables:
                     idx = self._open[name] = CodeIndex.open(self.cfg.index, table=name, s3=self.cfg.s3)
                     idx.live.min_rows = self.cfg.mih_min_rows
                     idx.lean = self.cfg.shards > 1  # the codes live in the shards, not here
+                    idx.metadata_in_memory_rows = self.cfg.metadata_in_memory_rows
                 except TableNotFoundError as err:
                     raise NotFound(str(err)) from err
             else:

@@ -197,3 +197,17 @@ def test_rows_conform_types(tmp_path: Path) -> None:
     assert index.upsert(rows) == 1
     got = index.get(["a"])
     assert got.column("tile_x").type == pa.int64() and got.column("mpp").to_pylist() == [0.5]
+
+
+def test_hits_read_from_memory_equal_hits_read_from_the_table(tmp_path: Path) -> None:
+    index = CodeIndex.create(str(tmp_path), ENC)
+    codes = _fill(index, 3000)
+    in_memory = index.search(codes[:5], 20)
+    assert index._snap().meta is not None
+    other = CodeIndex.open(str(tmp_path))
+    other.metadata_in_memory_rows = 1000  # smaller than the table: hits are read from it
+    from_table = other.search(codes[:5], 20)
+    assert other._snap().meta is None
+    for a, b in zip(in_memory, from_table, strict=True):
+        assert a.drop_columns(["indexed_at"]).equals(b.drop_columns(["indexed_at"]))
+        assert a.column("indexed_at").to_pylist() == b.column("indexed_at").to_pylist()
