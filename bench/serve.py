@@ -109,11 +109,11 @@ async def load(url: str, mode: str, concurrency: int, seconds: float, pngs: list
         nonlocal errors
         while time.perf_counter() < deadline:
             t = time.perf_counter()
-            if mode == "upload":
+            if mode in ("upload", "trivial"):  # the same request; "trivial": to a handler that returns a constant
                 form = aiohttp.FormData()
                 form.add_field("file", pngs[int(rng.integers(len(pngs)))], filename="q.png")
                 form.add_field("k", "10")
-                req = session.post(url + "v1/search", data=form)
+                req = session.post(url + ("v1/search" if mode == "upload" else "trivial"), data=form)
             else:
                 item = quote(ids[int(rng.integers(len(ids)))], safe="")
                 req = session.get(url + f"v1/items/{item}/similar?k=10")
@@ -151,6 +151,22 @@ async def load(url: str, mode: str, concurrency: int, seconds: float, pngs: list
         "search_ms": mean("search"),
         "overhead_ms": float(ms.mean()) - total,
     }
+
+
+def deploy_trivial() -> None:
+    """The peer: a Serve application on the same proxy that reads the request body and returns a constant,
+    so its latency is what Serve, HTTP and the load generator cost by themselves."""
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(max_ongoing_requests=256)
+    class Trivial:
+        async def __call__(self, request: Request) -> JSONResponse:
+            await request.body()
+            return JSONResponse({"results": [], "timings_ms": {"total": 0.0}})
+
+    serve.run(Trivial.bind(), name="trivial", route_prefix="/trivial")
 
 
 def batch_stats(url: str) -> tuple[float, float, float]:
@@ -196,12 +212,13 @@ def main() -> None:
     for wait in waits:
         cfg = ServiceConfig(index=tmp, batch_wait_s=wait, max_ongoing_requests=256)
         url = start(cfg, port=free_port())
+        deploy_trivial()
         t = time.perf_counter()
         asyncio.run(load(url, "upload", 1, 0.5, pngs, ids))  # first query loads the snapshot and the model
         asyncio.run(load(url, "byid", 1, 0.5, pngs, ids))
         warm_s = time.perf_counter() - t
         for c in args.concurrency if wait == 0.0 else [1]:
-            for mode in ("upload", "byid") if wait == 0.0 else ("upload",):
+            for mode in ("trivial", "upload", "byid") if wait == 0.0 else ("upload",):
                 b0, q0, m0 = batch_stats(url)
                 r = asyncio.run(load(url, mode, c, args.seconds, pngs, ids))
                 b1, q1, m1 = batch_stats(url)
@@ -232,6 +249,14 @@ def main() -> None:
         "results": results,
     }
     print(f"\n{meta['command']} on {meta['machine']}, {meta['date']}; warm-up {warm_s:.1f} s")
+    by = {(r["mode"], r["concurrency"], r["batch_wait_s"]): r for r in results}
+    for c in args.concurrency:
+        t, u = by.get(("trivial", c, 0.0)), by.get(("upload", c, 0.0))
+        if t and u:
+            print(
+                f"c={c}: upload p50 {u['p50_ms']:.1f} ms = {u['p50_ms'] / t['p50_ms']:.2f}x the trivial handler's "
+                f"{t['p50_ms']:.1f} ms; {u['rps']:.1f} req/s = {u['rps'] / t['rps']:.2f}x its {t['rps']:.1f}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(meta, indent=1))
 
