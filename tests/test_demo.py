@@ -49,7 +49,7 @@ def test_demo_runs_everything_serves_the_page_and_stops_cleanly_on_ctrl_c(tmp_pa
     )
     try:
         log = tmp_path / "stderr.log"
-        deadline = time.monotonic() + 900  # a hang guard, not a timing: the suite shares 2 cores three ways
+        deadline = time.monotonic() + 900  # a hang guard, not a timing: the suite shares the 2 cores
         while "Ctrl-C stops it" not in log.read_text():
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, log.read_text()[-4000:]

@@ -15,8 +15,8 @@ A query asks the base for a few more than its ``k`` nearest, drops the masked on
 more while fewer than ``k`` are left), and merges the rest with the delta's ``k`` nearest by
 (distance, position in the version). That is exactly the linear scan's answer, ties included,
 whenever the live base rows keep their base order in the new version (Lance appends new and
-rewritten rows after the old ones, and compaction keeps order). Where that order does not hold,
-the view is not used (the version is scanned) and a rebuild is started.
+rewritten rows after the old ones, and compaction keeps order); a base row that moved behind later
+ones is masked and its row scanned in the delta instead. A version whose item ids repeat is scanned.
 
 The base is rebuilt in a background thread once the delta and the masked rows together pass
 ``rebuild_fraction`` of it, and swapped in whole. After each build a few of the table's own codes
@@ -85,19 +85,30 @@ class _View:
         return self.dead + len(self.delta_pos)
 
 
-def _view(base: _Base, version: int, ids: pa.Array, cols: npt.NDArray[np.uint64]) -> _View | None:
-    """``version`` (its ids and word columns in scan order) through ``base``; None where the live base
-    rows are out of base order there (the merge would not give the scan's tie order)."""
+def unique_ids(ids: pa.Array) -> bool:
+    """Whether no item id repeats (a table written by ``append`` or by others may repeat one: such a
+    version is scanned, never seen through a base keyed by id)."""
+    return int(pc.count_distinct(ids).as_py()) == len(ids)
+
+
+def _view(base: _Base, version: int, ids: pa.Array, cols: npt.NDArray[np.uint64]) -> _View:
+    """``version`` (its ids, unique, and word columns in scan order) through ``base``.
+
+    A base row is live where its id is in the version with the same code *and* in base order: walking
+    the version in scan order, a row whose base row comes after every base row seen so far. A row that
+    moved back behind later ones (Lance moves a re-upserted row to the end, even with the same code) is
+    masked in the base and put in the delta instead, so the merge keeps the scan's tie order."""
     n = len(ids)
     j = pc.fill_null(pc.index_in(ids, value_set=base.ids), -1).to_numpy(zero_copy_only=False).astype(np.int64)
     found = np.flatnonzero(j >= 0)
     same = (base.words[j[found]] == cols[:, found].T).all(axis=1)
     covered = found[same]
+    if len(covered):
+        jc = j[covered]
+        covered = covered[jc == np.maximum.accumulate(jc)]  # in base order (ids are unique: ties cannot occur)
     base_pos = np.full(len(base.ids), -1, np.int64)
     base_pos[j[covered]] = covered
     live = base_pos >= 0
-    if np.any(np.diff(base_pos[live]) <= 0):
-        return None
     in_base = np.zeros(n, bool)
     in_base[covered] = True
     delta_pos = np.flatnonzero(~in_base).astype(np.int64)
@@ -223,8 +234,8 @@ class LiveSearch:
         """The table's reader loaded ``version``: ids and (w, n) word columns in scan order, ``nbytes`` per code."""
         with self._lock:
             self._latest = (version, ids, cols, nbytes)
-            if self.min_rows is None or len(ids) < self.min_rows:
-                self._view = None
+            if self.min_rows is None or len(ids) < self.min_rows or not unique_ids(ids):
+                self._view = None  # scanned (a repeated id: the scan is exact, a base keyed by id is not)
                 return
             base = self._base
             view = _view(base, version, ids, cols) if base is not None else None
@@ -265,8 +276,10 @@ class LiveSearch:
                         latest = self._latest
                     assert latest is not None
                     version, ids, cols, nbytes = latest
+                    if self.min_rows is None or len(ids) < self.min_rows or not unique_ids(ids):
+                        return  # the latest version is scanned (update() said so)
                     view = _view(base, version, ids, cols)
-                    if view is None or view.stale > self.rebuild_fraction * max(1, base.index.n):
+                    if view.stale > self.rebuild_fraction * max(1, base.index.n) and version != base.version:
                         break  # build again, from the latest version
                     path, timings = _measure(view, cols, nbytes, self.force)
                     with self._lock:

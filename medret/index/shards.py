@@ -47,6 +47,7 @@ from medret.models.codes import as_codes, to_words
 log = logging.getLogger(__name__)
 
 SHARD_NAMESPACE = "medret-shards"
+KEEP_PREVIOUS_S = 30.0  # a shard keeps the previous table version's range this long after its last use
 
 Positions = npt.NDArray[np.int64]
 Distances = npt.NDArray[np.int32]
@@ -102,8 +103,10 @@ class _Range:
     total: int  # rows in the whole table at ``version``
     lo: int
     cols: npt.NDArray[np.uint64]  # (w, hi - lo) word columns
-    item_ids: Any  # pyarrow ChunkedArray of strings, hi - lo long
+    item_ids: Any  # a pyarrow string array, hi - lo long (one copy: the multi-index keys by it too)
     rowids: npt.NDArray[np.uint64]  # Lance row ids of the range (to place a filter's matches), hi - lo long
+    rid_order: npt.NDArray[np.int64]  # argsort of rowids
+    dataset: Any  # the Lance dataset at ``version`` (filters scan it)
     fragments: list[int]  # ids of the fragments the range reaches into (a filter scans only these)
     load_s: float
 
@@ -129,7 +132,9 @@ class _Shard:
         self._code_bytes = code_bytes
         self._shard = shard
         self._shards = shards
-        self._range: _Range | None = None  # nothing held until the first query (also after a restart)
+        # version -> (range, last asked for); nothing held until the first query (also after a restart). The
+        # previous version is kept a while: replicas that refresh on their own clocks may ask for both.
+        self._ranges: dict[int, tuple[_Range, float]] = {}
         # exact multi-index hashing over the range where it is large enough and measured faster (index/live.py)
         self._live = LiveSearch(table=f"{dataset_uri}#{shard}/{shards}", min_rows=mih_min_rows)
 
@@ -168,15 +173,14 @@ class _Shard:
     def _matching(self, r: _Range, where: str) -> Positions:
         """Local positions (ascending) of the range's rows that match ``where``: only the fragments the range
         reaches into are scanned."""
-        import lance
-
-        ds = lance.dataset(self._uri, version=r.version, storage_options=self._options)
-        frags = [f for f in ds.get_fragments() if f.fragment_id in set(r.fragments)]
+        ds = r.dataset
+        wanted = set(r.fragments)
+        frags = [f for f in ds.get_fragments() if f.fragment_id in wanted]
         if not frags:
             return np.zeros(0, np.int64)
         got = ds.scanner(columns=[], filter=where, with_row_id=True, fragments=frags).to_table()
         rids = np.sort(got.column("_rowid").to_numpy())
-        order = np.argsort(r.rowids, kind="stable")
+        order = r.rid_order
         sorted_rids = r.rowids[order]
         at = np.minimum(np.searchsorted(sorted_rids, rids), max(0, len(sorted_rids) - 1))
         hit = sorted_rids[at] == rids if len(sorted_rids) else np.zeros(len(rids), bool)
@@ -185,7 +189,7 @@ class _Shard:
     def stats(self) -> dict[str, Any]:
         import ray
 
-        r = self._range
+        r = self._ranges[max(self._ranges)][0] if self._ranges else None
         return {
             "shard": self._shard,
             "state": "loaded" if r else "unloaded",
@@ -200,10 +204,19 @@ class _Shard:
         }
 
     def _at(self, version: int) -> _Range:
-        if self._range is None or self._range.version != version:
-            self._range = None  # free the old range before reading the new one
-            self._range = self._read(version)
-        return self._range
+        now = time.monotonic()
+        newest = max(self._ranges, default=None)
+        for v in [v for v, (_, used) in self._ranges.items() if v != newest and now - used > KEEP_PREVIOUS_S]:
+            del self._ranges[v]  # a previous version no replica asked for lately
+        held = self._ranges.get(version)
+        if held is None:
+            if newest is not None and version > newest:  # at most two: the old newest and this one
+                self._ranges = {newest: self._ranges[newest]}
+            elif newest is not None:
+                self._ranges.pop(min(self._ranges))
+            held = (self._read(version), now)
+        self._ranges[version] = (held[0], now)
+        return held[0]
 
     def _read(self, version: int) -> _Range:
         import lance
@@ -222,10 +235,10 @@ class _Shard:
             # flatten() honours a chunk's slice offset (``.values`` would not)
             flat = tbl.column("code").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             codes = flat.reshape(hi - lo, self._code_bytes)
-            ids = tbl.column("item_id")  # left chunked: one string array holds at most 2 GiB
+            ids = tbl.column("item_id").cast(pa.large_string()).combine_chunks()  # one array past 2 GiB too
             rowids = tbl.column("_rowid").to_numpy()
         else:
-            codes, ids = np.zeros((0, self._code_bytes), np.uint8), pa.chunked_array([], pa.string())
+            codes, ids = np.zeros((0, self._code_bytes), np.uint8), pa.array([], pa.large_string())
             rowids = np.zeros(0, np.uint64)
         fragments, start = [], 0  # the fragments overlapping [lo, hi) in scan order
         for frag in ds.get_fragments() if hi > lo else []:
@@ -245,12 +258,7 @@ class _Shard:
             load_s,
         )
         cols = to_columns(codes)
-        self._live.update(
-            version,
-            pa.concat_arrays(ids.chunks) if ids.num_chunks else pa.array([], pa.string()),
-            cols,
-            self._code_bytes,
-        )
+        self._live.update(version, ids, cols, self._code_bytes)
         return _Range(
             version=version,
             total=total,
@@ -258,6 +266,8 @@ class _Shard:
             cols=cols,
             item_ids=ids,
             rowids=rowids,
+            rid_order=np.argsort(rowids, kind="stable"),
+            dataset=ds,
             fragments=fragments,
             load_s=load_s,
         )

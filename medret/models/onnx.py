@@ -85,3 +85,8 @@ class OnnxEncoder:
 
     def encode(self, images: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
         return pack_bits(self.forward_code(images))
+
+    def encode_with_features(self, images: npt.NDArray[Any]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+        """Packed codes and backbone features, one session run."""
+        features, code = self._run(images)
+        return pack_bits(code), features

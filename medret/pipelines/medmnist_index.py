@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 from pydantic import Field
 
 from medret.config import Frozen, IndexConfig, S3Config, save_resolved
@@ -30,6 +31,7 @@ from medret.errors import ConfigError
 from medret.eval.benchmarks import Part, RetrievalSplit, medmnist4, split_from_files
 from medret.eval.retrieval import score
 from medret.index.store import CodeIndex, connect
+from medret.models import rerank
 from medret.models.encoder import Encoder, EncoderConfig, load_encoder
 from medret.models.itq import PCAITQ
 from medret.models.pretrained import encoder_path
@@ -129,9 +131,11 @@ def write_gallery(
     for start in range(0, len(gallery), batch_rows):
         sl = slice(start, start + batch_rows)
         organs = [split.organs[o] for o in gallery.organ[sl]]
+        codes, feats = rerank.codes_and_features(encoder, gallery.images[sl])  # features: the service re-ranks
         fragments += target.write(
             ids[sl],
-            encoder.encode(gallery.images[sl]),
+            codes,
+            feature=pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel(), pa.int8()), rerank.DIMS),
             source_uri=[f"medmnist://{o}/{s}" for o, s in zip(organs, gallery.source[sl], strict=True)],
             modality=[MODALITY.get(o, "other") for o in organs],
             dataset=[f"medmnist/{o}" for o in organs],

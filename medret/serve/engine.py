@@ -149,6 +149,10 @@ class QueryEngine:
         with ``features``, the Hamming shortlist re-ranked by them."""
         return self.searcher.search(idx, codes, k, filters=filters, exclude=exclude, features=features)
 
+    def reranks(self, idx: CodeIndex, features: bool) -> bool:
+        """Whether a query with (``features``) or without compact features is re-ranked on this table."""
+        return self.searcher.reranks(idx, features)
+
     def use_ivf(self, idx: CodeIndex) -> bool:
         """The approximate path, for tables at least ``ivf_min_rows`` large that have an IVF index."""
         return self.searcher.use_ivf(idx)

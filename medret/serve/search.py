@@ -114,6 +114,8 @@ class Searcher:
         pos, dist = got.positions[0][found], got.distances[0][found]
         columns = [*RESULT_COLUMNS, *([FEATURE_COLUMN] if features is not None else [])]
         meta = idx.take_at(got.version, pos, columns)
+        if meta.column("item_id").to_pylist() != got.item_ids[0][found].tolist():
+            raise RuntimeError(f"table {idx.name!r} v{got.version}: rows read by position are not the shards' hits")
         sims = None
         if features is not None:
             sims = rerank.similarity(features, features_column(meta.column(FEATURE_COLUMN)))
@@ -126,6 +128,10 @@ class Searcher:
             cos = np.round(sims.astype(np.float64) / rerank.SCALE**2, 4)
             hits = hits.append_column("similarity", pa.array(cos, pa.float64()))
         return hits
+
+    def reranks(self, idx: CodeIndex, features: bool) -> bool:
+        """Whether a query with (``features``) or without compact features is re-ranked on this table."""
+        return features and idx.has_features and (self.tables.sharded(idx) is not None or not self.use_ivf(idx))
 
     def use_ivf(self, idx: CodeIndex) -> bool:
         """The approximate path, for tables at least ``ivf_min_rows`` large that have an IVF index."""

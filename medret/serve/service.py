@@ -62,7 +62,9 @@ class Service:
         out: list[Any] = [None] * len(items)
         groups: dict[str, list[int]] = {}
         for i, (idx, _) in enumerate(items):
-            groups.setdefault(idx.encoder_id, []).append(i)
+            groups.setdefault(f"{idx.encoder_id}/{idx.has_features}", []).append(
+                i
+            )  # features only for tables that keep them
         for members in groups.values():
             idx = items[members[0]][0]
             try:

@@ -218,3 +218,33 @@ def test_the_service_searches_a_large_table_through_the_multi_index_and_says_so(
         assert described["search"]["base_rows"] == (4000 if min_rows else 0)
         answers[min_rows] = [[(h["item_id"], h["distance"]) for h in page] for page in hits]
     assert answers[1] == answers[None]
+
+
+def test_a_row_moved_to_the_end_with_its_code_is_masked_and_scanned_not_a_rebuild() -> None:
+    rng = np.random.default_rng(6)
+    table = Table(rng, 3000, 8)
+    live = LiveSearch(table="t", min_rows=1, background=False, path="mih")
+    table.publish(live)
+    at = np.sort(rng.choice(len(table.ids), 40, replace=False))  # re-upserted unchanged: Lance moves them last
+    keep = np.setdiff1d(np.arange(len(table.ids)), at)
+    table.ids = [table.ids[a] for a in keep] + [table.ids[a] for a in at]
+    table.codes = np.concatenate([table.codes[keep], table.codes[at]])
+    cols = table.publish(live)
+    stats = live.stats()
+    assert live.builds == 1 and stats["view_version"] == table.version and stats["delta_rows"] == 40
+    _check(live, table, cols, np.concatenate([table.codes[-5:], table.codes[:5]]))
+
+
+def test_a_version_with_a_repeated_item_id_is_scanned_and_never_rebuilt_in_a_loop() -> None:
+    rng = np.random.default_rng(7)
+    table = Table(rng, 2000, 8)
+    live = LiveSearch(table="t", min_rows=1, background=False, path="mih")
+    table.publish(live)
+    table.ids[6] = table.ids[5]  # an append of a row known to be new, twice
+    cols = table.publish(live)
+    assert live.builds == 1 and live.stats()["path"] == "scan"
+    _check(live, table, cols, table.codes[4:8])
+    table.ids[6] = "fixed"
+    cols = table.publish(live)
+    assert live.stats()["view_version"] == table.version
+    _check(live, table, cols, table.codes[4:8])

@@ -47,8 +47,9 @@ def test_four_shards_answer_as_one_scan_through_changes_and_a_dead_shard_is_a_50
     idx = CodeIndex.create(index, checkpoint_config(encoder_path("default")), checkpoint="default")
     ids = [f"item{i:05d}" for i in range(2000)]
     idx.upsert(_rows(idx, ids, rng))
-    one = Service(ServiceConfig(index=index, refresh_s=0))
-    four = Service(ServiceConfig(index=index, refresh_s=0, shards=4, shard_cpus=0, shard_timeout_s=60))
+    # multi-indexes from the first row: the shards' and the replica's own (exact either way; built in the background)
+    one = Service(ServiceConfig(index=index, refresh_s=0, mih_min_rows=1))
+    four = Service(ServiceConfig(index=index, refresh_s=0, shards=4, shard_cpus=0, shard_timeout_s=60, mih_min_rows=1))
     plain, sharded = TestClient(create_app(one)), TestClient(create_app(four))
 
     def same_answers() -> None:
@@ -85,3 +86,31 @@ def test_four_shards_answer_as_one_scan_through_changes_and_a_dead_shard_is_a_50
     assert r.status_code == 503, r.text
     assert "shard(s) 2 of 4" in r.json()["detail"] and r.headers["retry-after"] == "5"
     four.engine.catalog.sharded(served).close()  # type: ignore[union-attr]
+
+
+def test_a_sharded_service_over_a_table_made_before_features_answers_in_the_hamming_order(
+    ray_local: None, tmp_path: Path
+) -> None:
+    import lancedb
+
+    from medret.index import schema as sch
+
+    rng = np.random.default_rng(1)
+    index = str(tmp_path / "index")
+    enc = checkpoint_config(encoder_path("default"))
+    full = sch.code_schema(enc, "default")
+    old = pa.schema([f for f in full if f.name != sch.FEATURE_COLUMN], metadata=full.metadata)
+    lancedb.connect(index).create_table("codes", schema=old)
+    idx = CodeIndex.open(index)
+    ids = [f"item{i:05d}" for i in range(600)]
+    codes = rng.integers(0, 3, (600, idx.encoder.code_bytes), dtype=np.uint8)
+    idx.upsert(idx.rows(ids, codes, source_uri=ids, label=[str(i % 3) for i in range(600)]))
+    plain = TestClient(create_app(Service(ServiceConfig(index=index, refresh_s=0))))
+    four = Service(ServiceConfig(index=index, refresh_s=0, shards=4, shard_cpus=0, shard_timeout_s=60))
+    sharded = TestClient(create_app(four))
+    for item in ids[:3]:
+        want = _page(plain, item)
+        assert want and _page(sharded, item) == want and want[0][2] is None  # no similarity: not re-ranked
+        r = sharded.get(f"/v1/items/{item}/similar", params={"table": "codes", "k": 5})
+        assert r.json()["query"]["reranked"] is False
+    four.engine.catalog.sharded(four.engine.index("codes")).close()  # type: ignore[union-attr]

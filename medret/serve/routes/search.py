@@ -135,7 +135,7 @@ async def search(
             "kind": q.kind,
             "bytes": len(data),
             "code": bytes(code).hex(),
-            "reranked": feature is not None,
+            "reranked": engine.reranks(idx, feature is not None),
             **q.meta,
         },
         results=hits(idx.name, rows),
@@ -166,7 +166,7 @@ async def similar(
         table=idx.name,
         encoder_id=idx.encoder_id,
         k=k,
-        query={"item_id": item_id, "reranked": rerank and idx.has_features},
+        query={"item_id": item_id, "reranked": engine.reranks(idx, rerank)},
         results=hits(idx.name, rows),
         timings_ms={"search": round(total, 3), "total": round(total, 3)},
     )
