@@ -32,6 +32,7 @@ FLOORS: dict[str, int] = {
     "index": 4,
     "methods": 4,
     "slides": 4,
+    "sketch": 4,
     # 5: scoring
     "eval": 5,
     # 6: the jobs

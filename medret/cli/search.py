@@ -22,6 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a slide: an indexed one (its id, the source URI, or its file name), or one at a URI under the "
         "index's sources (tiled and encoded now): find the slides similar to it",
     )
+    what.add_argument(
+        "--sketch",
+        metavar="MASK.png",
+        help="a lesion drawn on a template level (a PNG over the level's box, as GET /v1/templates serves it; "
+        "non-zero or opaque pixels are lesion): find the patients with such a lesion there, by Dice",
+    )
+    parser.add_argument("--level", type=int, help="--sketch: the template level it was drawn on")
+    parser.add_argument("--class", dest="lesion_class", help="--sketch: its lesion class (default: the table's first)")
+    parser.add_argument("--tolerance", type=int, default=1, help="--sketch: levels either side searched (default 1)")
+    parser.add_argument(
+        "--region-weight", type=float, default=0.0, help="--sketch: weight of the region-profile term (default 0)"
+    )
     parser.add_argument(
         "--method",
         default="median_min",
@@ -53,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sketch:
+        return _sketch(args)
     from medret.config import load_config
     from medret.errors import ConfigError, ObjectNotFoundError
     from medret.serve.config import ServiceConfig
@@ -134,3 +148,55 @@ def _slides(engine: Any, args: argparse.Namespace, t0: float) -> int:
         for e in h["evidence"][:3]:
             print(f"         ({e['query_x']}, {e['query_y']}) -> ({e['x']}, {e['y']})  distance {e['distance']}")
     return 0
+
+
+def _sketch(args: argparse.Namespace) -> int:
+    """``--sketch``: the top patients for a lesion drawn on a template level (the service's code path)."""
+    from medret.config import load_config
+    from medret.errors import ConfigError, ObjectNotFoundError
+    from medret.serve.config import ServiceConfig
+    from medret.serve.sketch import SketchSearch, decode_png, options
+
+    path = Path(args.sketch)
+    if not path.is_file():
+        raise ObjectNotFoundError(f"sketch {args.sketch!r} does not exist")
+    if args.level is None:
+        raise ConfigError("--sketch needs --level (the template level it was drawn on; GET /v1/templates lists them)")
+    t0 = time.perf_counter()
+    cfg = load_config(ServiceConfig, overrides={"index": args.index, "s3.endpoint_url": args.s3_endpoint})
+    search = SketchSearch(cfg.index, cfg.s3)
+    _, enc = search.encoder(args.table)
+    cls = args.lesion_class or enc.grid.config.classes[0]
+    mask = decode_png(path.read_bytes(), name=str(path))
+    found = search.search(
+        args.table,
+        args.level,
+        {cls: mask_box(mask, enc, str(path))},
+        options(args.k, args.tolerance, args.region_weight),
+        thumbnails=False,
+    )
+    seconds = time.perf_counter() - t0
+    if args.json:
+        for q in found["query"].values():
+            q.pop("png", None)
+        print(json.dumps({**found, "seconds": seconds}, indent=1, default=str))
+        return 0
+    q = found["query"][cls]
+    print(
+        f"{found['table']}: top {len(found['results'])} of {found['patients_searchable']} sketch-searchable patients "
+        f"for a {cls} sketch at level {found['level']} (z {found['level_mm']} mm, {q['bits']} cells, "
+        f"{found['candidates']} slices scored) in {seconds:.2f} s"
+    )
+    for h in found["results"]:
+        top = max(h["regions"], key=h["regions"].get) if h["regions"] else "-"
+        print(
+            f"  {h['rank']:3d}. Dice {h['dice']:.3f}  {h['patient']}  level {h['level']}  {h['hemisphere']}  {top}  "
+            f"{h['area_mm2']:.0f} mm2"
+        )
+    return 0
+
+
+def mask_box(mask: Any, enc: Any, name: str) -> Any:
+    from medret.sketch.raster import to_box
+
+    return to_box(mask, enc.grid, name=name)

@@ -50,7 +50,7 @@ def connect(uri: str, s3: S3Config | None = None) -> Any:
 
 #: the tables medret keeps beside a code table ``T``: ``T__manifest`` (what was indexed) and ``T__slides``
 #: (slide search's bags); they are not code tables themselves
-COMPANION_SUFFIXES = ("__manifest", "__slides")
+COMPANION_SUFFIXES = ("__manifest", "__slides", "__lesions")
 
 
 def is_code_table(name: str) -> bool:

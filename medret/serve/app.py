@@ -37,7 +37,7 @@ from medret.errors import (
     UploadTooLarge,
 )
 from medret.serve.guard import ERROR_RESPONSES, RequestGuard, public_message
-from medret.serve.routes import page, search, slides, status
+from medret.serve.routes import page, search, sketch, slides, status
 from medret.serve.service import Service
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     app.middleware("http")(count_requests)
     app.exception_handler(MedretError)(medret_error)
-    for area in (page, status, search, slides):
+    for area in (page, status, search, slides, sketch):
         app.include_router(area.router())
     if cfg.allowed_hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware

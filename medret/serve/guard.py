@@ -81,7 +81,9 @@ async def _send_problem(send: Any, status: int, detail: str, headers: dict[str, 
 
 
 #: what anyone may fetch: the page, health, metrics and the API's description; everything else needs the token
-PUBLIC = frozenset({"/", "/healthz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC = frozenset(
+    {"/", "/static/sketch.js", "/healthz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 
 
 def _route(scope: Any) -> str:

@@ -171,11 +171,11 @@ def test_a_request_without_the_token_is_refused_before_its_body_is_read(index: d
     assert out["status"] == 401 and out["pulled"] == 0  # under a Serve route_prefix too
 
 
-def test_only_the_page_health_metrics_and_spec_are_public(index: dict[str, Any]) -> None:
+def test_only_the_page_its_script_health_metrics_and_spec_are_public(index: dict[str, Any]) -> None:
     secured = TestClient(app(index, token="s3cret"))
-    for path in ("/", "/healthz", "/metrics", "/openapi.json", "/docs"):
+    for path in ("/", "/static/sketch.js", "/healthz", "/metrics", "/openapi.json", "/docs"):
         assert secured.get(path).status_code == 200, path
-    for path in ("/v1/tables", "/v1/nope", "/v2/search", "/admin", "//v1/tables", "/V1/tables"):
+    for path in ("/v1/tables", "/v1/templates", "/v1/nope", "/v2/search", "/admin", "//v1/tables", "/V1/tables"):
         assert secured.get(path).status_code == 401, path
     assert secured.get("/v1/tables", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
