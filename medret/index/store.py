@@ -570,8 +570,9 @@ class CodeIndex:
         pos = np.unique(pos[pos >= 0])
         return snap.dataset.take(pos, columns=list(columns) if columns else None)
 
-    def to_arrow(self, columns: Sequence[str] | None = None) -> pa.Table:
-        return self._table.to_lance().to_table(columns=list(columns) if columns else None)
+    def to_arrow(self, columns: Sequence[str] | None = None, *, where: str | None = None) -> pa.Table:
+        """The table's rows (those matching ``where``, a Lance SQL filter), these columns only."""
+        return self._table.to_lance().to_table(columns=list(columns) if columns else None, filter=where)
 
     # -- approximate path ------------------------------------------------------------
     def create_ivf(self, *, num_partitions: int | None = None) -> None:

@@ -56,11 +56,38 @@ class Volume:
         )
 
     @property
+    def grid(self) -> VolumeGrid:
+        """Its voxel grid without the voxels."""
+        return VolumeGrid(tuple(self.array.shape), self.spacing, self.origin, self.direction)
+
+    @property
     def orientation(self) -> str:
         """Three-letter DICOM orientation code of the array axes, e.g. ``LPS`` or ``RAS``."""
         import SimpleITK as sitk
 
         return str(sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(self.direction))
+
+
+@dataclass(frozen=True)
+class VolumeGrid:
+    """A volume's voxel grid: ``shape`` (z, y, x) and the geometry of :class:`Volume`; JSON-recordable."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VolumeGrid:
+        return cls(
+            tuple(int(v) for v in d["shape"]),  # type: ignore[arg-type]
+            tuple(float(v) for v in d["spacing"]),  # type: ignore[arg-type]
+            tuple(float(v) for v in d["origin"]),  # type: ignore[arg-type]
+            tuple(float(v) for v in d["direction"]),
+        )
 
 
 #: bytes of a NIfTI-2 header (the larger one) plus its extension flag

@@ -182,10 +182,11 @@ def index_table(cfg: IndexJobConfig, listed: Listed | None = None, serves: tuple
     )
     try:
         index, manifest = _open_index(cfg, encoder, str(ckpt_path), recipes, serves)
+        listed = listed or _list(cfg, store)
         todo, known = _plan(cfg, store, index, manifest, summary, encoder, listed)
         if todo:
             _run_pipeline(cfg, todo, index, manifest, known, summary, recipes, encoder, store, ckpt)
-        _finish(cfg, index, summary)
+        _finish(cfg, index, summary, listed, store)
     except InfrastructureError as err:
         stop = StoreUnreachableError(_unreachable(cfg, store, err, summary), summary)
         _stopped(out, summary, stop, t_start)
@@ -233,6 +234,10 @@ def _open_index(
     return _index_call(f"opening the index {cfg.index.uri}", both)
 
 
+def _list(cfg: IndexJobConfig, store: ObjectStore) -> Listed:
+    return Listed.of(store, cfg.all_routes())
+
+
 def _plan(
     cfg: IndexJobConfig,
     store: ObjectStore,
@@ -240,12 +245,10 @@ def _plan(
     manifest: Manifest,
     summary: Summary,
     encoder: Any,
-    listed: Listed | None = None,
+    listed: Listed,
 ) -> tuple[list[SourceObject], dict[str, Entry]]:
-    """List the source (unless a routed run did), compare with the manifest: what to index; an incremental
+    """Compare the listing (this run's or a routed run's) with the manifest: what to index; an incremental
     run drops what is gone, and a routed run what now goes to another table."""
-    if listed is None:
-        listed = Listed.of(store, cfg.all_routes())
     objects = listed.objects
     summary.stage_seconds["list"] = listed.seconds
     summary.objects_seen = len(objects)
@@ -362,8 +365,9 @@ def _move_out(
     _say(cfg, f"removed {len(moved)} object(s) whose kind now goes to another table from table {here!r}")
 
 
-def _finish(cfg: IndexJobConfig, index: CodeIndex, summary: Summary) -> None:
-    """Compact what the run wrote and note the table's state."""
+def _finish(cfg: IndexJobConfig, index: CodeIndex, summary: Summary, listed: Listed, store: ObjectStore) -> None:
+    """Compact what the run wrote, bring the slide bags and the lesion table level with it, note the table's
+    state."""
     if cfg.compact and summary.commits:
         t = time.perf_counter()
         merged = _index_call(f"compacting the index {cfg.index.uri}", index.compact)
@@ -378,6 +382,29 @@ def _finish(cfg: IndexJobConfig, index: CodeIndex, summary: Summary) -> None:
             _say(cfg, f"slide bags: {done['written']} made, {done['deleted']} removed, {done['slides']} slides")
 
     _index_call(f"writing the slide bags at {cfg.index.uri}", slides)
+
+    def lesions() -> None:  # every volume with a lesion mask has the rows of its current image and mask
+        from medret.sketch.ingest import sync_lesions
+
+        done = sync_lesions(
+            index,
+            listed.objects,
+            store,
+            cfg.lesion_config(),
+            s3=cfg.s3,
+            on_error=cfg.on_error,
+            say=lambda m: _say(cfg, m),
+        )
+        if done is not None:
+            summary.lesions = done.as_dict()
+            if done.written or done.removed or done.failed:
+                _say(
+                    cfg,
+                    f"lesion table: {done.written} volume(s) made, {done.removed} removed, {len(done.failed)} bad "
+                    f"mask(s), {done.volumes} volume(s) with a mask",
+                )
+
+    _index_call(f"writing the lesion table at {cfg.index.uri}", lesions)
 
     def state() -> None:
         index.refresh()

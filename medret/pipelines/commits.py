@@ -54,11 +54,14 @@ class Summary:
     quarantine: list[dict[str, str]] = field(default_factory=list)
     stopped: str = ""  # why the run stopped before the end (nothing lost; the same command resumes)
     tables: list[dict[str, Any]] = field(default_factory=list)  # a routed run: each table's own summary
+    lesions: dict[str, Any] = field(default_factory=dict)  # the lesion table's reconcile (sketch search)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if not self.tables:
             del d["tables"]
+        if not self.lesions:
+            del d["lesions"]
         d["stage_seconds"] = {k: round(v, 3) for k, v in self.stage_seconds.items()}
         d["seconds"] = round(self.seconds, 3)
         d["objects_per_s"] = round((self.indexed + self.quarantined) / self.seconds, 2) if self.seconds else 0.0

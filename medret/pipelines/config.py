@@ -97,6 +97,26 @@ class IndexJobConfig(Frozen):
 
         return MosaicConfig(**self.mosaic)
 
+    @field_validator("lesions")
+    @classmethod
+    def _lesions(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from medret.errors import ConfigError
+        from medret.sketch.grid import LesionGridConfig
+
+        try:
+            LesionGridConfig.from_dict(v)
+        except TypeError as err:
+            raise ValueError(f"unknown lesions field: {err}") from None
+        except (ConfigError, ValueError) as err:
+            raise ValueError(str(err)) from None
+        return v
+
+    def lesion_config(self) -> Any:
+        """What lesion masks become, as :class:`medret.sketch.grid.LesionGridConfig`."""
+        from medret.sketch.grid import LesionGridConfig
+
+        return LesionGridConfig.from_dict(self.lesions)
+
     source: str = Field(
         description="s3://bucket/prefix, a local folder, or a DICOMweb server: dicomweb+https://host/prefix[?filters]"
     )
@@ -128,6 +148,12 @@ class IndexJobConfig(Frozen):
         default_factory=dict,
         description="how each slide's bag of tiles for slide search is chosen (medret.slides.mosaic.MosaicConfig "
         "fields: clusters, fraction, min_per_cluster, max_per_slide, by, seed); empty: the defaults",
+    )
+    lesions: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what a brain volume's lesion mask (a *_seg/*_mask file beside it, or the sidecar's mask_path) "
+        "becomes for sketch search (medret.sketch.grid.LesionGridConfig fields: labels [[value, name], ...], "
+        "level_mm, grid, coverage, min_coverage, margin_mm); empty: the defaults, any non-zero voxel is 'lesion'",
     )
     resources: Resources = Resources()
     on_error: Literal["quarantine", "skip", "fail"] = Field(

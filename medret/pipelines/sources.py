@@ -42,6 +42,8 @@ class SourceObject:
     kind: str
     meta: dict[str, Any] = field(default_factory=dict)
     members: list[str] = field(default_factory=list)  # a series folder's slice files (keys)
+    mask: str = ""  # a volume's lesion mask (key): a ``_seg``/``_mask`` sibling or the sidecar's ``mask_path``
+    mask_etag: str = ""  # "" when the sidecar names a mask the source does not hold
 
     def row(self) -> dict[str, Any]:
         """The object as a row of the jobs' Ray Datasets (what :func:`medret.pipelines.stages.expand` takes)."""
@@ -74,6 +76,10 @@ class Listed:
         return cls(objects, len(sidecars), {o.uri for o in objects}, time.perf_counter() - t)
 
 
+#: the sidecar column naming a volume's lesion mask (relative to the CSV's folder, like ``path``)
+MASK_COLUMN = "mask_path"
+
+
 def route(key: str, routes: Sequence[Route]) -> str:
     """The kind of the first route whose pattern matches the key (case-insensitive), else the detecting one.
 
@@ -102,7 +108,10 @@ def read_sidecar(store: ObjectStore, key: str) -> dict[str, dict[str, Any]]:
     for row in rows:
         rel = (row.pop("path") or "").strip()
         if rel:
-            out[posixpath.normpath(posixpath.join(folder, rel))] = {k: v for k, v in row.items() if k and v != ""}
+            meta = {k: v for k, v in row.items() if k and v != ""}
+            if meta.get(MASK_COLUMN):  # a lesion mask is named like the object: relative to the CSV's folder
+                meta[MASK_COLUMN] = posixpath.normpath(posixpath.join(folder, meta[MASK_COLUMN].strip()))
+            out[posixpath.normpath(posixpath.join(folder, rel))] = meta
     return out
 
 
@@ -126,8 +135,16 @@ def series_object(store: ObjectStore, folder: str, members: Sequence[tuple[str, 
 
 
 def list_source(store: ObjectStore, routes: Sequence[Route]) -> tuple[list[SourceObject], list[str]]:
-    """Every object to index (sidecar metadata attached) and the sidecar keys that were read."""
-    objects, sidecars = [], []
+    """Every object to index (sidecar metadata and lesion masks attached) and the sidecar keys that were read.
+
+    Lesion masks are not indexed as images: a ``*_seg``/``*_mask`` volume
+    (:func:`medret.sketch.ingest.is_lesion_mask`) or a file a sidecar names in its ``mask_path`` column
+    is attached to its image instead (:attr:`SourceObject.mask`). The mask's etag is not part of the
+    image's: a changed mask re-makes the image's lesion rows, not its codes.
+    """
+    from medret.sketch.ingest import is_lesion_mask, mask_names
+
+    listed, sidecars = [], []
     series: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
     for info in store.list():
         kind = kinds.get(route(info.key, routes))
@@ -138,14 +155,21 @@ def list_source(store: ObjectStore, routes: Sequence[Route]) -> tuple[list[Sourc
         elif kind.listing is Listing.SERIES:
             series.setdefault((kind.name, posixpath.dirname(info.key)), []).append((info.key, info.etag, info.size))
         elif kind.listing is not Listing.SKIP:
-            objects.append(SourceObject(store.uri_of(info.key), info.key, info.etag, info.size, kind.name))
-    objects += [series_object(store, folder, members, k) for (k, folder), members in sorted(series.items())]
+            listed.append((info, kind.name))
     meta: dict[str, dict[str, Any]] = {}
     for key in sorted(sidecars):
         meta.update(read_sidecar(store, key))
+    named = {str(m[MASK_COLUMN]) for m in meta.values() if m.get(MASK_COLUMN)}
+    masks = {info.key: info.etag for info, _ in listed if is_lesion_mask(info.key) or info.key in named}
+    objects = [SourceObject(store.uri_of(i.key), i.key, i.etag, i.size, k) for i, k in listed if i.key not in masks]
+    objects += [series_object(store, folder, members, k) for (k, folder), members in sorted(series.items())]
     for o in objects:
-        m = meta.get(o.key.rstrip("/"))  # a series folder is named in a sidecar by its path
+        m = dict(meta.get(o.key.rstrip("/")) or {})  # a series folder is named in a sidecar by its path
+        o.mask = str(m.pop(MASK_COLUMN, "") or "")
         if m:
             o.meta = m
             o.etag = f"{o.etag}+{meta_digest(m)}"
+        if not o.mask:
+            o.mask = next((n for n in mask_names(o.key) if n in masks), "")
+        o.mask_etag = masks.get(o.mask, "")
     return objects, sidecars

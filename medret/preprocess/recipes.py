@@ -133,12 +133,16 @@ def mri_brain(volume: Any, *, input_size: tuple[int, int] = (128, 128), template
     cfg = MRIRecipeConfig(template=template)
     result = preprocess_brain(volume, load_template(cfg.template, cfg.orientation), cfg)
     summary = describe(result)
+    # the transform the slices were resampled with and the grid it applies to, recorded once per volume (on
+    # its first slice), so its lesion mask is carried into template space by the very same transform later
+    registration = {**result.registration.as_dict(), "subject": result.subject.grid.as_dict()}
     out = []
-    for level, plane in zip(cfg.levels, result.slices, strict=True):
+    for i, (level, plane) in enumerate(zip(cfg.levels, result.slices, strict=True)):
         image, _ = resize_aspect(plane, input_size)
-        out.append(
-            Prepared(image, itemid.suffix(level=level), {"level": level, "timings_cpu_s": summary["timings_cpu_s"]})
-        )
+        meta: dict[str, Any] = {"level": level, "timings_cpu_s": summary["timings_cpu_s"]}
+        if i == 0:
+            meta["registration"] = registration
+        out.append(Prepared(image, itemid.suffix(level=level), meta))
     return out
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from medret.errors import DataError
-from medret.io.volume import Volume
+from medret.io.volume import Volume, VolumeGrid
 from medret.preprocess.mri.orient import reorient
 from medret.preprocess.mri.register import Registration
 from medret.sketch.grid import LesionGridConfig, TemplateGrid, resample_to
@@ -38,10 +38,11 @@ def label_values(labels: Volume, config: LesionGridConfig, *, name: str) -> npt.
     return arr.astype(np.int16)
 
 
-def check_same_grid(labels: Volume, image: Volume, *, name: str) -> None:
+def check_same_grid(labels: Volume, image: Volume | VolumeGrid, *, name: str) -> None:
     """The mask must lie on its image's voxel grid (after both were reoriented)."""
+    image = image.grid if isinstance(image, Volume) else image
     same = (
-        labels.array.shape == image.array.shape
+        labels.array.shape == tuple(image.shape)
         and np.allclose(labels.spacing, image.spacing, rtol=1e-3)
         and np.allclose(labels.origin, image.origin, atol=0.05 * min(image.spacing))
         and np.allclose(labels.direction, image.direction, atol=1e-3)
@@ -50,7 +51,7 @@ def check_same_grid(labels: Volume, image: Volume, *, name: str) -> None:
         raise DataError(
             f"{name}: the lesion mask's grid (shape {labels.array.shape[::-1]}, spacing "
             f"{tuple(round(s, 3) for s in labels.spacing)}, origin {tuple(round(o, 1) for o in labels.origin)}) "
-            f"differs from its image's (shape {image.array.shape[::-1]}, spacing "
+            f"differs from its image's (shape {tuple(image.shape)[::-1]}, spacing "
             f"{tuple(round(s, 3) for s in image.spacing)}, origin {tuple(round(o, 1) for o in image.origin)}); "
             "a mask must be drawn on the image it belongs to"
         )
@@ -58,7 +59,7 @@ def check_same_grid(labels: Volume, image: Volume, *, name: str) -> None:
 
 def carry_lesion(
     labels: Volume,
-    subject: Volume,
+    subject: Volume | VolumeGrid,
     registration: Registration,
     tg: TemplateGrid,
     *,
@@ -68,7 +69,8 @@ def carry_lesion(
     """Label volume on the subject's original grid -> labels on ``tg.ref`` (template space, 1 mm).
 
     ``subject`` and ``registration`` are the recipe's (``BrainResult.subject``,
-    ``BrainResult.registration``): the reoriented image and the transform it was resampled with.
+    ``BrainResult.registration``): the reoriented image (or just its grid, as the indexing job
+    recorded it) and the transform it was resampled with.
     """
     values = label_values(labels, tg.config, name=name)
     oriented = reorient(

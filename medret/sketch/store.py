@@ -44,6 +44,8 @@ def lesion_schema(config: LesionGridConfig) -> pa.Schema:
         pa.field("source_uri", pa.string(), nullable=False),
         pa.field("patient", pa.string(), nullable=False),
         pa.field("mask_uri", pa.string()),
+        # what the rows were made from: "<image etag>|<mask etag>" (the job remakes a volume's rows when it changes)
+        pa.field("source_version", pa.string()),
         pa.field("level", pa.int32(), nullable=False),
         pa.field("level_mm", pa.float64(), nullable=False),
         pa.field("class", pa.string(), nullable=False),
@@ -63,7 +65,7 @@ def lesion_schema(config: LesionGridConfig) -> pa.Schema:
 
 
 def lesion_rows(
-    source_uri: str, slices: Sequence[LesionSlice], *, patient: str = "", mask_uri: str = ""
+    source_uri: str, slices: Sequence[LesionSlice], *, patient: str = "", mask_uri: str = "", version: str = ""
 ) -> list[dict[str, Any]]:
     """The lesion table rows of one volume (from :meth:`LesionEncoder.encode_volume`)."""
     now = datetime.now(timezone.utc)
@@ -73,6 +75,7 @@ def lesion_rows(
             "source_uri": source_uri,
             "patient": patient or source_uri,
             "mask_uri": mask_uri or None,
+            "source_version": version or None,
             "level": s.level,
             "level_mm": s.level_mm,
             "class": s.cls,
@@ -155,6 +158,10 @@ class LesionTable:
             )
         return cls(db.open_table(name), uri=uri, name=name)
 
+    @staticmethod
+    def exists(uri: str, table: str, s3: S3Config | None = None) -> bool:
+        return lesions_table(table) in connect(uri, s3).list_tables().tables
+
     @classmethod
     def for_index(cls, uri: str, table: str, config: LesionGridConfig, s3: S3Config | None = None) -> LesionTable:
         """Open or create; a table built with another lesion encoder config is refused."""
@@ -199,6 +206,11 @@ class LesionTable:
 
     def count(self) -> int:
         return int(self._table.count_rows())
+
+    def versions(self) -> dict[str, str]:
+        """``source_uri -> source_version`` of every volume with rows ("" where none was recorded)."""
+        t = self._table.to_lance().to_table(columns=["source_uri", "source_version"])
+        return {str(u): str(v or "") for u, v in zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True)}
 
     def patients(self) -> int:
         t = self._table.to_lance().to_table(columns=["patient"])

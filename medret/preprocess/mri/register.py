@@ -65,6 +65,17 @@ class Registration:
             "seconds": round(self.seconds, 3),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Registration:
+        """The affine :meth:`as_dict` recorded, rebuilt exactly (JSON keeps every bit of a float)."""
+        import SimpleITK as sitk
+
+        t = sitk.AffineTransform(3)
+        t.SetMatrix([float(v) for v in d["matrix"]])
+        t.SetTranslation([float(v) for v in d["translation"]])
+        t.SetCenter([float(v) for v in d["center"]])
+        return cls(transform=t, metric=float(d.get("metric", float("nan"))), seconds=float(d.get("seconds", 0.0)))
+
 
 def coarse(img: Any, resolution_mm: float) -> Any:
     """Smooth and resample to an isotropic grid of ``resolution_mm`` covering the same extent."""
