@@ -112,6 +112,12 @@ def medmnist(decoded: Decoded, *, input_size: tuple[int, int] = (28, 28), channe
     grey for ``channels=1``, RGB for ``channels=3`` (grey images in each channel)."""
     check_channels("medmnist", channels)
     frame = decoded.frame(0)
+    if frame.ndim == 3 and channels == 1 and frame.dtype == np.uint8:
+        # grey as the benchmark and the .npz trainer make it (BT.601 luma rounded to uint8), so an indexed
+        # RGB image (RetinaMNIST) gets the very code its benchmark image gets
+        from medret.io.medmnist import to_grey as grey_uint8
+
+        frame = grey_uint8(frame[None])[0]
     if frame.ndim == 3:
         unit = colour_to_unit(frame)
     elif np.issubdtype(frame.dtype, np.integer):

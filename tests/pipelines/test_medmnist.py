@@ -66,3 +66,19 @@ def test_reader_errors_name_the_file(tmp_path: Path) -> None:
         read_medmnist(tmp_path / "partial.npz")
     with pytest.raises(DataError, match="no such"):
         read_medmnist(tmp_path / "absent.npz")
+
+
+def test_the_medmnist_recipe_makes_the_benchmarks_grey_input(data_dir: Path) -> None:
+    """An RGB MedMNIST image indexed through the medmnist kind's recipe is the benchmark's grey image
+    (luma rounded to uint8, then / 255), so its code is the code the benchmark scores."""
+    from medret.io.base import Decoded
+    from medret.preprocess.recipes import RECIPES
+
+    retina = read_medmnist(data_dir / "medmnist" / "retinamnist.npz")
+    grey = to_grey(retina.images).astype(np.float32) / 255.0
+    made = np.stack(
+        [RECIPES.get("medmnist")(Decoded(im, kind="medmnist", reader="numpy"))[0].image for im in retina.images]
+    )
+    assert np.array_equal(made, grey)
+    colour = RECIPES.get("medmnist")(Decoded(retina.images[0], kind="medmnist", reader="numpy"), channels=3)[0].image
+    assert colour.shape == (28, 28, 3) and np.allclose(colour, retina.images[0] / 255.0, atol=1e-6)
