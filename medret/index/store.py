@@ -122,6 +122,24 @@ class _Snapshot:
     sorted_ids: npt.NDArray[np.object_] | None = None
 
 
+class CompanionTable:
+    """A table kept beside a code table by the job (``<table>__slides``, ``<table>__lesions``): what their
+    readers share. Subclasses set ``_table`` (a LanceDB table)."""
+
+    _table: Any
+
+    @property
+    def version(self) -> int:
+        return int(self._table.version)
+
+    def refresh(self) -> None:
+        """Follow the latest committed version."""
+        self._table.checkout_latest()
+
+    def count(self) -> int:
+        return int(self._table.count_rows())
+
+
 class CodeIndex:
     """A code table. Make one with :meth:`create` or :meth:`open`."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from medret.config import DicomWebConfig, Frozen, IndexConfig, S3Config
 from medret.preprocess.wsi.tiling import TilingConfig
@@ -74,48 +74,46 @@ class Resources(Frozen):
         return v
 
 
+def _mosaic(fields: dict[str, Any]) -> Any:
+    from medret.slides.mosaic import MosaicConfig
+
+    return MosaicConfig(**fields)
+
+
+def _lesions(fields: dict[str, Any]) -> Any:
+    from medret.sketch.grid import LesionGridConfig
+
+    return LesionGridConfig.from_dict(fields)
+
+
+#: the job config's sections that are the fields of a dataclass of their own
+_SECTIONS = {"mosaic": _mosaic, "lesions": _lesions}
+
+
 class IndexJobConfig(Frozen):
     """``medret index`` / ``jobs/backfill.py`` / ``jobs/incremental.py``."""
 
-    @field_validator("mosaic")
+    @field_validator("mosaic", "lesions")
     @classmethod
-    def _mosaic(cls, v: dict[str, Any]) -> dict[str, Any]:
+    def _dataclass_fields(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """``mosaic`` and ``lesions`` hold the fields of a dataclass of their own: checked here, named."""
         from medret.errors import ConfigError
-        from medret.slides.mosaic import MosaicConfig
 
         try:
-            MosaicConfig(**v)
+            _SECTIONS[str(info.field_name)](v)
         except TypeError as err:
-            raise ValueError(f"unknown mosaic field: {err}") from None
-        except ConfigError as err:
+            raise ValueError(f"unknown {info.field_name} field: {err}") from None
+        except (ConfigError, ValueError) as err:
             raise ValueError(str(err)) from None
         return v
 
     def mosaic_config(self) -> Any:
         """The slide mosaic as :class:`medret.slides.mosaic.MosaicConfig`."""
-        from medret.slides.mosaic import MosaicConfig
-
-        return MosaicConfig(**self.mosaic)
-
-    @field_validator("lesions")
-    @classmethod
-    def _lesions(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from medret.errors import ConfigError
-        from medret.sketch.grid import LesionGridConfig
-
-        try:
-            LesionGridConfig.from_dict(v)
-        except TypeError as err:
-            raise ValueError(f"unknown lesions field: {err}") from None
-        except (ConfigError, ValueError) as err:
-            raise ValueError(str(err)) from None
-        return v
+        return _mosaic(self.mosaic)
 
     def lesion_config(self) -> Any:
         """What lesion masks become, as :class:`medret.sketch.grid.LesionGridConfig`."""
-        from medret.sketch.grid import LesionGridConfig
-
-        return LesionGridConfig.from_dict(self.lesions)
+        return _lesions(self.lesions)
 
     source: str = Field(
         description="s3://bucket/prefix, a local folder, or a DICOMweb server: dicomweb+https://host/prefix[?filters]"

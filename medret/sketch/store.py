@@ -24,7 +24,7 @@ from medret.config import S3Config
 from medret.errors import ConfigError, TableNotFoundError
 from medret.index.filters import quote
 from medret.index.search import to_columns
-from medret.index.store import connect
+from medret.index.store import CompanionTable, connect
 from medret.sketch import regions
 from medret.sketch.encoder import LesionSlice
 from medret.sketch.grid import LesionGridConfig
@@ -135,7 +135,7 @@ def snapshot_of(table: pa.Table, version: int, code_bytes: int, dataset: Any = N
     )
 
 
-class LesionTable:
+class LesionTable(CompanionTable):
     """The lesion table of one code table: :meth:`open` it to read, :meth:`for_index` to write."""
 
     def __init__(self, table: Any, *, uri: str, name: str) -> None:
@@ -197,16 +197,6 @@ class LesionTable:
         return data.num_rows
 
     # -- reads -------------------------------------------------------------------------
-    @property
-    def version(self) -> int:
-        return int(self._table.version)
-
-    def refresh(self) -> None:
-        self._table.checkout_latest()
-
-    def count(self) -> int:
-        return int(self._table.count_rows())
-
     def versions(self) -> dict[str, str]:
         """``source_uri -> source_version`` of every volume with rows ("" where none was recorded)."""
         t = self._table.to_lance().to_table(columns=["source_uri", "source_version"])

@@ -35,7 +35,7 @@ import pyarrow as pa
 from medret.config import S3Config
 from medret.errors import ConfigError, TableNotFoundError
 from medret.index.filters import quote
-from medret.index.store import CodeIndex, connect
+from medret.index.store import CodeIndex, CompanionTable, connect
 from medret.slides.match import BagGallery
 from medret.slides.mosaic import MosaicConfig, select_mosaic
 
@@ -158,7 +158,7 @@ def make_bag(tiles: SlideTiles, mosaic: MosaicConfig) -> dict[str, Any]:
     }
 
 
-class SlideBags:
+class SlideBags(CompanionTable):
     """The slide table of one code table. :meth:`open` it to read, :meth:`for_index` to keep it in step."""
 
     def __init__(self, table: Any, index: CodeIndex) -> None:
@@ -247,16 +247,6 @@ class SlideBags:
         return {"written": written, "deleted": len(stale), "slides": len(slides)}
 
     # -- reads -----------------------------------------------------------------------
-    @property
-    def version(self) -> int:
-        return int(self._table.version)
-
-    def refresh(self) -> None:
-        self._table.checkout_latest()
-
-    def count(self) -> int:
-        return int(self._table.count_rows())
-
     def rows(self, columns: Sequence[str] | None = None, where: str | None = None) -> pa.Table:
         """The slide rows, ordered by source uri."""
         cols = list(dict.fromkeys(["source_uri", *columns])) if columns else None

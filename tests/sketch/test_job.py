@@ -170,3 +170,15 @@ def test_the_listing_attaches_masks_to_their_images(tmp_path: Path) -> None:
         "b/z.nii.gz": ("m/lesion-of-z.nii.gz", True, {"label": "1"}),  # mask_path is no metadata of the image
         "b/w.nii.gz": ("b/gone.nii.gz", False, {"label": "2"}),  # named, not held: the job lists it as failed
     }
+
+
+def test_the_jobs_lesions_config_is_checked_by_name() -> None:
+    cfg = IndexJobConfig(source="x", lesions={"labels": [[1, "necrotic"], [2, "edema"], [4, "enhancing"]]})
+    assert cfg.lesion_config().classes == ["necrotic", "edema", "enhancing"]
+    assert IndexJobConfig(source="x").lesion_config() == LesionGridConfig()
+    with pytest.raises(ValueError, match="unknown lesions field"):
+        IndexJobConfig(source="x", lesions={"grid_size": 32})
+    with pytest.raises(ValueError, match="multiple of 64 bits"):
+        IndexJobConfig(source="x", lesions={"grid": 3})
+    with pytest.raises(ValueError, match="unknown mosaic field"):
+        IndexJobConfig(source="x", mosaic={"cluster": 3})
