@@ -182,3 +182,56 @@ def test_the_jobs_lesions_config_is_checked_by_name() -> None:
         IndexJobConfig(source="x", lesions={"grid": 3})
     with pytest.raises(ValueError, match="unknown mosaic field"):
         IndexJobConfig(source="x", mosaic={"cluster": 3})
+
+
+def test_a_store_that_fails_while_masks_are_read_stops_the_sync_and_removes_nothing(
+    tmp_path: Path, encoder: RasterEncoder, tcga_case: Case
+) -> None:
+    """Masks on a real S3 server (SeaweedFS) that is then stopped: the sync raises the store's fault (what
+    stops the job with nothing quarantined), names no mask as bad and leaves the rows it had; once the server
+    is back the same sync makes the new rows."""
+    import json
+
+    from medret.errors import InfrastructureError
+    from medret.models.encoder import EncoderConfig
+    from medret.storage.retry import RetryingStore
+    from medret.storage.s3local import SeaweedS3, free_port
+
+    server = SeaweedS3(tmp_path / "weed", port=free_port(), access_key="mask-key", secret_key="mask-secret").start()
+    try:
+        s3 = server.config().model_copy(update={"max_attempts": 1, "connect_timeout_s": 1.0, "read_timeout_s": 3.0})
+        bucket = open_store("s3://masks", s3)
+        bucket.ensure_bucket()
+        store = RetryingStore(bucket, budget_s=2)
+        put = store.write_bytes("vol_seg.nii.gz", TCGA_MASK.read_bytes())
+        # the code table as the job leaves it: the volume indexed at etag e1, its first slice recording the
+        # registration the recipe used (the session's own, of the same FLAIR)
+        index = CodeIndex.create(str(tmp_path / "index"), EncoderConfig(name="pca-itq", bits=16, weights_sha256="x"))
+        reg = {**tcga_case.result.registration.as_dict(), "subject": tcga_case.result.subject.grid.as_dict()}
+        index.upsert(
+            index.rows(
+                ["s3://masks/vol.nii.gz#level=0"],
+                np.zeros((1, 2), np.uint8),
+                source_uri=["s3://masks/vol.nii.gz"],
+                etag=["e1"],
+                extra=[json.dumps({"registration": reg})],
+            )
+        )
+        obj = SourceObject("s3://masks/vol.nii.gz", "vol.nii.gz", "e1", 0, "nifti", mask="vol_seg.nii.gz")
+        obj.mask_etag = put.etag
+        first = sync_lesions(index, [obj], store, CONFIG)
+        assert first is not None and first.written == 1 and not first.failed
+        rows = lesion_state(str(tmp_path / "index"))["s3://masks/vol.nii.gz"]
+        assert [r[:4] for r in rows] == [r[:4] for r in expected(encoder, tcga_case, TCGA_MASK, "", "")]
+
+        obj.mask_etag = "a-new-mask"  # the listing saw the mask change, then the store went down
+        server.stop()
+        with pytest.raises(InfrastructureError):
+            sync_lesions(index, [obj], store, CONFIG)
+        assert lesion_state(str(tmp_path / "index"))["s3://masks/vol.nii.gz"] == rows  # nothing removed
+
+        server.start()
+        again = sync_lesions(index, [obj], store, CONFIG)
+        assert again is not None and again.written == 1 and not again.failed and again.removed == 0
+    finally:
+        server.stop()
