@@ -16,6 +16,12 @@ the latest version at most every ``refresh_s`` and sends it with the query; a sh
 another version reloads its range at that version before answering. Shards therefore refresh
 independently and lazily, and a restarted shard (empty) simply loads on its next query.
 
+**Lifetime.** Shards shared by the service's replicas are named, detached actors, so that no one
+replica's end takes them down. Each holds a lease: every replica renews it (a ``touch`` call every
+quarter of ``lease_s``) and a shard that nobody renewed for ``lease_s`` ends itself (an intentional
+exit: Ray does not restart it), so a deleted service or a changed shard count frees their memory. A
+replica that finds a shared shard gone attaches to (or starts) the one of that name again.
+
 **Faults.** Shards are actors with ``max_restarts=-1`` and ``max_task_retries=0``. A shard that
 died, is restarting, cannot be reached, fails to read the store or does not answer within
 ``timeout_s`` fails the whole query with :class:`~medret.errors.SearchUnavailableError` (HTTP 503)
@@ -48,6 +54,9 @@ log = logging.getLogger(__name__)
 
 SHARD_NAMESPACE = "medret-shards"
 KEEP_PREVIOUS_S = 30.0  # a shard keeps the previous table version's range this long after its last use
+#: a shared (detached) shard ends itself after this long with no call from any replica: replicas renew it
+#: every quarter of it, so it outlives them by at most this (a service deleted, a shard count changed)
+SHARD_LEASE_S = 600.0
 
 Positions = npt.NDArray[np.int64]
 Distances = npt.NDArray[np.int32]
@@ -126,7 +135,11 @@ class _Shard:
         shard: int,
         shards: int,
         mih_min_rows: int | None = MIN_ROWS,
+        lease_s: float | None = None,
     ) -> None:
+        self._used = time.monotonic()
+        if lease_s:  # shared: end when no replica has renewed the lease for lease_s
+            threading.Thread(target=self._watch, args=(lease_s,), name="shard-lease", daemon=True).start()
         self._uri = dataset_uri
         self._options = storage_options
         self._code_bytes = code_bytes
@@ -138,8 +151,35 @@ class _Shard:
         # exact multi-index hashing over the range where it is large enough and measured faster (index/live.py)
         self._live = LiveSearch(table=f"{dataset_uri}#{shard}/{shards}", min_rows=mih_min_rows)
 
+    # -- lease ------------------------------------------------------------------------
+    def touch(self) -> None:
+        """A replica still uses this shard: renew its lease."""
+        self._used = time.monotonic()
+
+    def _watch(self, lease_s: float) -> None:
+        import ray
+
+        me = ray.get_runtime_context().current_actor
+        while True:
+            time.sleep(min(lease_s / 4, 30.0))
+            if time.monotonic() - self._used > lease_s:
+                # decided in the actor's own call order, after any queued call; then no more asking for a while,
+                # since an ending actor first finishes the calls queued to it
+                me.expire.remote(lease_s)
+                time.sleep(lease_s)
+
+    def expire(self, lease_s: float) -> None:
+        """End this shard if its lease ran out (no call for ``lease_s``): Ray does not restart it."""
+        import ray
+
+        if time.monotonic() - self._used > lease_s:
+            log.info("shard %d/%d of %s: lease of %gs ran out, ending", self._shard, self._shards, self._uri, lease_s)
+            ray.actor.exit_actor()
+
+    # -- reads ------------------------------------------------------------------------
     def load(self, version: int) -> dict[str, Any]:
         """Hold the range at ``version`` and run one query through it (the kernel is loaded, too)."""
+        self._used = time.monotonic()
         r = self._at(version)
         self._topk(r, np.zeros((1, r.cols.shape[0]), np.uint64), 1)
         return self.stats()
@@ -149,6 +189,7 @@ class _Shard:
     ) -> tuple[int, int, Positions, Distances, Ids]:
         """``(version, table rows, positions, distances, ids)``: this range's top-``k`` in global positions;
         with ``where``, among the range's rows that match that filter."""
+        self._used = time.monotonic()
         r = self._at(version)
         allowed = self._matching(r, where) if where else None
         take = min(k, r.rows if allowed is None else len(allowed))
@@ -189,6 +230,7 @@ class _Shard:
     def stats(self) -> dict[str, Any]:
         import ray
 
+        self._used = time.monotonic()
         r = self._ranges[max(self._ranges)][0] if self._ranges else None
         return {
             "shard": self._shard,
@@ -294,9 +336,11 @@ class ShardedIndex:
         refresh_s: float = 1.0,
         mih_min_rows: int | None = MIN_ROWS,
         shared_as: str | None = None,
+        lease_s: float = SHARD_LEASE_S,
     ) -> None:
         """``shared_as`` names the shards (detached actors in Ray's ``medret-shards`` namespace), so that every
-        query-service replica uses the same N shards instead of starting its own; :meth:`close` ends them."""
+        query-service replica uses the same N shards instead of starting its own; this object renews their
+        lease (``lease_s``) until :meth:`release` or :meth:`close`, which ends them."""
         import ray
 
         from medret.runtime import ensure_ray
@@ -322,8 +366,10 @@ class ShardedIndex:
             "scheduling_strategy": "SPREAD",
         }
         code_bytes = self._index.encoder.code_bytes
-        self._actors: list[Any] = []
-        for s in range(shards):
+        self._shared_as = shared_as
+        self.lease_s = lease_s if shared_as is not None else None
+
+        def start(s: int) -> Any:
             shared = (
                 {}
                 if shared_as is None
@@ -335,9 +381,21 @@ class ShardedIndex:
                 }
             )
             actor = ray.remote(_Shard).options(**options, **shared)
-            self._actors.append(
-                actor.remote(target.dataset_uri, target.storage_options, code_bytes, s, shards, mih_min_rows)
-            )
+            args = (target.dataset_uri, target.storage_options, code_bytes, s, shards, mih_min_rows, self.lease_s)
+            return actor.remote(*args)
+
+        self._start = start
+        self._actors: list[Any] = [start(s) for s in range(shards)]
+        self._renewing = threading.Event()
+        if self.lease_s is not None:
+            threading.Thread(target=self._renew, name=f"shard-lease-{table}", daemon=True).start()
+
+    def _renew(self) -> None:
+        """Renew the shared shards' lease every quarter of it, until released (the replica's end also ends this)."""
+        assert self.lease_s is not None
+        while not self._renewing.wait(self.lease_s / 4):
+            for actor in list(self._actors):
+                actor.touch.remote()
 
     # -- versions ---------------------------------------------------------------------
     @property
@@ -433,6 +491,9 @@ class ShardedIndex:
             ray.cancel(ref)
         if failed:
             self._looked_at = -math.inf  # look the version up again on the next query
+            if self._shared_as is not None:  # a shared shard that ended (its lease ran out) is started again
+                for s in failed:
+                    self._actors[s] = self._start(s)
             which = ", ".join(str(s) for s in failed)
             raise SearchUnavailableError(
                 f"table {self.name!r}: shard(s) {which} of {self.shards} unavailable for the {what} "
@@ -444,10 +505,16 @@ class ShardedIndex:
         return answers
 
     # -- lifecycle --------------------------------------------------------------------
+    def release(self) -> None:
+        """Stop renewing the shared shards' lease and let them be (other replicas may use them): they end by
+        themselves ``lease_s`` after the last replica let go."""
+        self._renewing.set()
+
     def close(self) -> None:
         """Kill the shards' actors (for good: Ray does not restart them)."""
         import ray
 
+        self._renewing.set()
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []

@@ -113,6 +113,12 @@ class ServiceConfig(Frozen):
     shard_timeout_s: float = Field(
         default=10.0, gt=0, description="a query waits this long for its slowest shard, then answers 503"
     )
+    shard_lease_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="shared shards end by themselves this long after the last replica stopped renewing them "
+        "(the service deleted, or redeployed with another shard count), freeing their memory",
+    )
 
     @field_validator("table")
     @classmethod

@@ -126,6 +126,7 @@ class Tables:
                     refresh_s=self.cfg.refresh_s,
                     mih_min_rows=self.cfg.mih_min_rows,
                     shared_as=f"medret-{tag}-{idx.name}",
+                    lease_s=self.cfg.shard_lease_s,
                 )
             return sh
 

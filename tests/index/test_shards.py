@@ -159,3 +159,42 @@ def test_a_dead_shard_gives_503_never_a_partial_answer(tmp_path: Path, ray_local
             sharded.search(q, 20)
         assert err.value.shards == (2,)
         assert [s["state"] for s in sharded.stats()] == ["loaded", "loaded", "unavailable", "loaded"]
+
+
+def test_shared_shards_live_while_renewed_and_end_after_their_lease(tmp_path: Path, ray_local: None) -> None:
+    """Detached shards shared by replicas: kept alive by a replica's renewals however idle, ended by their
+    lease once no replica renews them (a deleted service), and started again by a replica that needs them."""
+    import ray
+
+    from medret.index.shards import SHARD_NAMESPACE
+
+    uri = str(tmp_path / "index")
+    index = CodeIndex.create(uri, ENC)
+    _upsert(index, [f"i{j}" for j in range(300)], _codes(300, 3))
+    names = ["lease-test-0-of-2", "lease-test-1-of-2"]
+
+    def alive() -> list[bool]:  # looked up by name only: a call would renew the lease
+        out = []
+        for name in names:
+            try:
+                ray.get_actor(name, namespace=SHARD_NAMESPACE)
+                out.append(True)
+            except ValueError:
+                out.append(False)
+        return out
+
+    replica = ShardedIndex(uri, shards=2, shared_as="lease-test", lease_s=2.0, num_cpus=0)
+    try:
+        _assert_one_scan(replica, uri, _queries(1))
+        time.sleep(4.0)  # twice the lease with no query: the replica's renewals keep them
+        assert alive() == [True, True]
+        replica.release()  # the replica goes away without ending what others may share
+        deadline = time.monotonic() + 20
+        while any(alive()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert alive() == [False, False], "shards outlived their lease with no replica renewing it"
+        with pytest.raises(SearchUnavailableError):  # this replica's handles point at the ended shards
+            replica.search(_queries(1), 5)
+        _assert_one_scan(replica, uri, _queries(2))  # ...which it started again by name
+    finally:
+        replica.close()
