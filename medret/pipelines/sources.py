@@ -137,12 +137,14 @@ def series_object(store: ObjectStore, folder: str, members: Sequence[tuple[str, 
 def list_source(store: ObjectStore, routes: Sequence[Route]) -> tuple[list[SourceObject], list[str]]:
     """Every object to index (sidecar metadata and lesion masks attached) and the sidecar keys that were read.
 
-    Lesion masks are not indexed as images: a ``*_seg``/``*_mask`` volume
-    (:func:`medret.sketch.ingest.is_lesion_mask`) or a file a sidecar names in its ``mask_path`` column
-    is attached to its image instead (:attr:`SourceObject.mask`). The mask's etag is not part of the
-    image's: a changed mask re-makes the image's lesion rows, not its codes.
+    Lesion masks are not indexed as images: a ``*_seg``/``*_mask`` volume beside its image
+    (``case_seg.nii.gz`` beside ``case.nii.gz``: :func:`medret.sketch.ingest.image_of_mask`) or a file
+    a sidecar names in its ``mask_path`` column is attached to its image instead
+    (:attr:`SourceObject.mask`). One with no image beside it (a ``brain_mask.nii.gz`` alone) is indexed
+    as the volume it is. The mask's etag is not part of the image's: a changed mask re-makes the
+    image's lesion rows, not its codes.
     """
-    from medret.sketch.ingest import is_lesion_mask, mask_names
+    from medret.sketch.ingest import image_of_mask, mask_names
 
     listed, sidecars = [], []
     series: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
@@ -160,7 +162,8 @@ def list_source(store: ObjectStore, routes: Sequence[Route]) -> tuple[list[Sourc
     for key in sorted(sidecars):
         meta.update(read_sidecar(store, key))
     named = {str(m[MASK_COLUMN]) for m in meta.values() if m.get(MASK_COLUMN)}
-    masks = {info.key: info.etag for info, _ in listed if is_lesion_mask(info.key) or info.key in named}
+    keys = {info.key for info, _ in listed}
+    masks = {info.key: info.etag for info, _ in listed if image_of_mask(info.key) in keys or info.key in named}
     objects = [SourceObject(store.uri_of(i.key), i.key, i.etag, i.size, k) for i, k in listed if i.key not in masks]
     objects += [series_object(store, folder, members, k) for (k, folder), members in sorted(series.items())]
     for o in objects:

@@ -53,7 +53,8 @@ _EXT = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd)$", re.IGNORECASE)
 
 
 def is_lesion_mask(name: str) -> bool:
-    """Whether an object's name marks it as a lesion mask (never indexed as an image)."""
+    """Whether an object's name marks it as a lesion mask (``_seg``/``_mask`` before a volume's extension); the
+    listing takes it as one when its image is beside it (:func:`image_of_mask`)."""
     stem = _EXT.sub("", name)
     return stem != name and stem.lower().endswith(MASK_SUFFIXES)
 
@@ -65,6 +66,20 @@ def mask_names(image_name: str) -> list[str]:
         return []
     stem, ext = image_name[: m.start()], m.group(1)
     return [f"{stem}{s}{ext}" for s in MASK_SUFFIXES]
+
+
+def image_of_mask(mask_name: str) -> str | None:
+    """The image name a ``_seg``/``_mask`` name belongs beside (``case_seg.nii.gz`` -> ``case.nii.gz``).
+
+    >>> image_of_mask("a/case_seg.nii.gz"), image_of_mask("a/case.nii.gz")
+    ('a/case.nii.gz', None)
+    """
+    m = _EXT.search(mask_name)
+    if not m or not is_lesion_mask(mask_name):
+        return None
+    stem = mask_name[: m.start()]
+    cut = next(len(sfx) for sfx in MASK_SUFFIXES if stem.lower().endswith(sfx))
+    return f"{stem[:-cut]}{m.group(1)}"
 
 
 def find_mask(image_name: str, siblings: Sequence[str], sidecar: Mapping[str, Any] | None = None) -> str | None:

@@ -155,7 +155,8 @@ def test_the_listing_attaches_masks_to_their_images(tmp_path: Path) -> None:
     from medret.pipelines.config import default_routes
     from medret.pipelines.sources import list_source
 
-    for name in ("a/x.nii.gz", "a/x_seg.nii.gz", "a/y.nii", "a/y_mask.nii", "b/z.nii.gz", "m/lesion-of-z.nii.gz"):
+    names = ("a/x.nii.gz", "a/x_seg.nii.gz", "a/y.nii", "a/y_mask.nii", "b/z.nii.gz", "m/lesion-of-z.nii.gz")
+    for name in (*names, "c/brain_mask.nii.gz"):  # the last: a mask-like name with no image beside it
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(name.encode())
     (tmp_path / "b" / "meta.csv").write_text(
@@ -169,6 +170,7 @@ def test_the_listing_attaches_masks_to_their_images(tmp_path: Path) -> None:
         "a/y.nii": ("a/y_mask.nii", True, {}),
         "b/z.nii.gz": ("m/lesion-of-z.nii.gz", True, {"label": "1"}),  # mask_path is no metadata of the image
         "b/w.nii.gz": ("b/gone.nii.gz", False, {"label": "2"}),  # named, not held: the job lists it as failed
+        "c/brain_mask.nii.gz": ("", False, {}),  # no brain.nii.gz beside it: a volume of its own
     }
 
 
