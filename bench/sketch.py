@@ -5,7 +5,7 @@
 Patients and queries: see :mod:`medret.eval.sketch`. Base volumes: the real brains in
 ``mri/`` (ch2, chris_t1, the TCGA T1c and FLAIR, MNI152), each registered once to the ROBEX
 template by the MRI recipe (``preprocess_brain``, single-threaded ITK); ``--per-volume``
-synthetic patients are drawn on each, and the real TCGA case (``tests/sketch/fixtures``) is one
+synthetic patients are drawn on each, and the real TCGA case (``medret/sketch/data``) is one
 more patient. All are written to a real ``<table>__lesions`` table (LanceDB in a temporary
 folder) by the indexing job's hook, and queried from its snapshot, k=10, level tolerance 1.
 
@@ -31,6 +31,7 @@ from medret.eval.sketch import Patient, evaluate, lesion_planes, sketches, synth
 from medret.io.volume import Volume, read_nifti
 from medret.preprocess.mri.recipe import load_template, preprocess_brain
 from medret.sketch.carry import carry_lesion
+from medret.sketch.data import TCGA_MASK
 from medret.sketch.encoder import RasterEncoder, load_grid
 from medret.sketch.grid import LesionGridConfig
 from medret.sketch.ingest import sync_job_lesions
@@ -45,7 +46,7 @@ BASES = (
     "antspy__mni_MNI152_T1_1mm_brain.nii.gz",
 )
 REAL = "TCGA-FG-6692"
-REAL_MASK = Path(__file__).resolve().parents[1] / "tests/sketch/fixtures/TCGA-FG-6692_fla_mask.nii.gz"
+REAL_MASK = TCGA_MASK
 CONFIG = LesionGridConfig(labels=((1, "edema"), (2, "enhancing")))
 
 

@@ -34,6 +34,7 @@ from pydantic import Field
 from medret.config import Frozen, IndexConfig, S3Config, save_resolved
 from medret.errors import ConfigError, DataError
 from medret.pipelines.medmnist_index import MODALITY
+from medret.sketch.data import TCGA_FLAIR, TCGA_MASK
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +164,14 @@ class Demo:
                     if not any(s in p.name for s in NOT_IN_ARCHIVE):
                         files.append((f"{prefix}/{p.name}", p))
                         counts[kind] += 1
+        masks = 0
+        if (folder / TCGA_FLAIR).is_file():  # its reviewed lesion mask beside it: the Sketch tab finds the patient
+            files.append((f"mri/{Path(TCGA_FLAIR).name.replace('.nii.gz', '_seg.nii.gz')}", TCGA_MASK))
+            masks = 1
         self.say(
             f"uploading the archive to {self.archive_uri}: {counts['png']} medmnist-4 gallery PNGs with labels.csv, "
             f"{counts['dicom']} X-ray DICOMs, {counts['slide']} whole slide(s), {counts['mri']} MRI volumes"
+            f" ({masks} with a lesion mask)"
         )
 
         def put(item: tuple[str, bytes | Path]) -> None:
@@ -253,13 +259,16 @@ class Demo:
         from medret.index.store import connect
         from medret.pipelines.backfill import run_index
         from medret.pipelines.config import IndexJobConfig
+        from medret.sketch.store import lesions_table
         from medret.slides.store import slides_table
 
         t = time.perf_counter()
         db = connect(self.index_uri, self.s3)
         table = self.cfg.table
         for name in db.list_tables().tables:  # the demo rebuilds its tables (and manifests) every run
-            if name in (table, manifest_name(table), slides_table(table)) or name.startswith(f"{table}-"):
+            if name in (table, manifest_name(table), slides_table(table), lesions_table(table)) or name.startswith(
+                f"{table}-"
+            ):
                 db.drop_table(name)
         self.say(f"backfill: Ray Data job {self.archive_uri} -> {self.index_uri} table {self.cfg.table}")
         job = IndexJobConfig(
@@ -273,9 +282,11 @@ class Demo:
         )
         summary = run_index(job).to_dict()
         self._timed("backfill", t)
+        lesions = sum(t.get("lesions", {}).get("written", 0) for t in [summary, *summary.get("tables", [])])
         self.say(
             f"indexed {summary['items_written']} items from {summary['indexed']} objects in "
-            f"{self.timings['backfill_s']:.1f}s ({summary['quarantined']} quarantined)"
+            f"{self.timings['backfill_s']:.1f}s ({summary['quarantined']} quarantined); "
+            f"{lesions} volume(s) sketch-searchable by their lesion mask"
         )
         return summary
 

@@ -12,12 +12,10 @@ import pytest
 from medret.io.volume import Volume, read_nifti
 from medret.preprocess.mri.recipe import BrainResult, load_template, preprocess_brain
 from medret.sketch.carry import carry_lesion
+from medret.sketch.data import TCGA_FLAIR, TCGA_MASK
 from medret.sketch.encoder import RasterEncoder, load_grid
 from medret.sketch.grid import LesionGridConfig, TemplateGrid, resample_to
 
-FIXTURES = Path(__file__).parent / "fixtures"
-TCGA_FLAIR = "mri/brainles__TCGA-FG-6692_fla.nii.gz"
-TCGA_MASK = FIXTURES / "TCGA-FG-6692_fla_mask.nii.gz"
 CONFIG = LesionGridConfig(labels=((1, "edema"), (2, "enhancing")))
 
 

@@ -18,6 +18,7 @@ from medret.io.volume import read_nifti
 from medret.pipelines.backfill import run_index
 from medret.pipelines.config import IndexJobConfig
 from medret.pipelines.sources import SourceObject
+from medret.sketch.data import TCGA_FLAIR, TCGA_MASK
 from medret.sketch.encoder import RasterEncoder
 from medret.sketch.grid import LesionGridConfig
 from medret.sketch.ingest import lesion_slices, sync_lesions
@@ -25,8 +26,6 @@ from medret.sketch.store import LesionTable
 from medret.storage.objects import open_store
 
 Case = Any  # tests/sketch/conftest.py's Case: the image, its mask and the session's own registration of it
-TCGA_FLAIR = "mri/brainles__TCGA-FG-6692_fla.nii.gz"
-TCGA_MASK = Path(__file__).parent / "fixtures" / "TCGA-FG-6692_fla_mask.nii.gz"
 CONFIG = LesionGridConfig(labels=((1, "edema"), (2, "enhancing")))  # the conftest's, so the session's grid
 
 pytestmark = pytest.mark.usefixtures("ray_local")
