@@ -395,7 +395,10 @@ class ShardedIndex:
         assert self.lease_s is not None
         while not self._renewing.wait(self.lease_s / 4):
             for actor in list(self._actors):
-                actor.touch.remote()
+                try:
+                    actor.touch.remote()
+                except Exception as err:  # one failed renewal must not end the renewing
+                    log.warning("table %r: renewing a shard's lease failed: %s", self.name, err)
 
     # -- versions ---------------------------------------------------------------------
     @property

@@ -182,6 +182,7 @@ def index_table(cfg: IndexJobConfig, listed: Listed | None = None, serves: tuple
     )
     try:
         index, manifest = _open_index(cfg, encoder, str(ckpt_path), recipes, serves)
+        _check_lesions(cfg)
         listed = listed or _list(cfg, store)
         todo, known = _plan(cfg, store, index, manifest, summary, encoder, listed)
         if todo:
@@ -232,6 +233,17 @@ def _open_index(
         return index, Manifest(cfg.index.uri, cfg.index.table, cfg.s3)
 
     return _index_call(f"opening the index {cfg.index.uri}", both)
+
+
+def _check_lesions(cfg: IndexJobConfig) -> None:
+    """A lesion config other than the table's lesion table's is refused before anything is written."""
+    from medret.sketch.ingest import check_lesion_config
+
+    config = cfg.lesion_config()
+    _index_call(
+        f"reading the lesion table at {cfg.index.uri}",
+        lambda: check_lesion_config(cfg.index.uri, cfg.index.table, config, cfg.s3),
+    )
 
 
 def _list(cfg: IndexJobConfig, store: ObjectStore) -> Listed:

@@ -20,6 +20,7 @@ import fnmatch
 import hashlib
 import io
 import json
+import logging
 import posixpath
 import time
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ from medret.errors import DataError
 from medret.kinds import Listing
 from medret.pipelines.config import Route
 from medret.storage.objects import ObjectStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,7 +147,7 @@ def list_source(store: ObjectStore, routes: Sequence[Route]) -> tuple[list[Sourc
     as the volume it is. The mask's etag is not part of the image's: a changed mask re-makes the
     image's lesion rows, not its codes.
     """
-    from medret.sketch.ingest import image_of_mask, mask_names
+    from medret.sketch.ingest import image_of_mask
 
     listed, sidecars = [], []
     series: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
@@ -163,7 +166,12 @@ def list_source(store: ObjectStore, routes: Sequence[Route]) -> tuple[list[Sourc
         meta.update(read_sidecar(store, key))
     named = {str(m[MASK_COLUMN]) for m in meta.values() if m.get(MASK_COLUMN)}
     keys = {info.key for info, _ in listed}
-    masks = {info.key: info.etag for info, _ in listed if image_of_mask(info.key) in keys or info.key in named}
+    beside: dict[str, list[str]] = {}  # image key -> the masks beside it, _seg before _mask
+    for info, _ in sorted(listed, key=lambda x: x[0].key):
+        image = image_of_mask(info.key)
+        if image in keys:
+            beside.setdefault(str(image), []).append(info.key)
+    masks = {i.key: i.etag for i, _ in listed if i.key in named or any(i.key in m for m in beside.values())}
     objects = [SourceObject(store.uri_of(i.key), i.key, i.etag, i.size, k) for i, k in listed if i.key not in masks]
     objects += [series_object(store, folder, members, k) for (k, folder), members in sorted(series.items())]
     for o in objects:
@@ -172,7 +180,12 @@ def list_source(store: ObjectStore, routes: Sequence[Route]) -> tuple[list[Sourc
         if m:
             o.meta = m
             o.etag = f"{o.etag}+{meta_digest(m)}"
-        if not o.mask:
-            o.mask = next((n for n in mask_names(o.key) if n in masks), "")
+        found = sorted(beside.get(o.key, ()), key=lambda k: "_mask" in k.lower())  # _seg first
+        if not o.mask and found:
+            o.mask = found[0]
+        if len(found) > 1 or (found and o.mask != found[0]):
+            log.warning(
+                "%s: lesion mask %s used; %s beside it left out", o.uri, o.mask, [m for m in found if m != o.mask]
+            )
         o.mask_etag = masks.get(o.mask, "")
     return objects, sidecars

@@ -141,7 +141,7 @@ def mri_brain(volume: Any, *, input_size: tuple[int, int] = (128, 128), template
     summary = describe(result)
     # the transform the slices were resampled with and the grid it applies to, recorded once per volume (on
     # its first slice), so its lesion mask is carried into template space by the very same transform later
-    registration = {**result.registration.as_dict(), "subject": result.subject.grid.as_dict()}
+    registration = {**result.registration.as_dict(), "subject": result.subject.grid.as_dict(), "template": template}
     out = []
     for i, (level, plane) in enumerate(zip(cfg.levels, result.slices, strict=True)):
         image, _ = resize_aspect(plane, input_size)

@@ -135,6 +135,7 @@ class LesionSync:
     written: int = 0  # volumes whose rows were (re)made
     rows: int = 0
     removed: int = 0  # volumes whose rows were removed (mask gone or bad, image gone or not indexed)
+    empty: int = 0  # masks carried to no rows (no lesion voxel, or too little on every level): redone each run
     failed: list[dict[str, str]] = field(default_factory=list)  # bad masks: retried next run
     seconds: float = 0.0
 
@@ -154,9 +155,10 @@ class MaskWork:
     registration: dict[str, Any]
 
 
-def version_of(obj: SourceObject) -> str:
-    """What a volume's lesion rows are made from: its image's etag and its mask's."""
-    return f"{obj.etag}|{obj.mask_etag}"
+def version_of(obj: SourceObject, indexed_at: str) -> str:
+    """What a volume's lesion rows are made from: its image (etag, and when its codes were written, which a
+    forced re-index changes with the registration it records) and its mask (key and etag)."""
+    return f"{obj.etag}|{indexed_at}|{obj.mask}|{obj.mask_etag}"
 
 
 def patient_of(obj: SourceObject) -> str:
@@ -167,24 +169,46 @@ def patient_of(obj: SourceObject) -> str:
     return obj.uri
 
 
-def _registrations(index: CodeIndex, objects: Sequence[SourceObject]) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """The recorded registration of each volume indexed at its listed etag, and the volumes indexed at it."""
-    regs: dict[str, dict[str, Any]] = {}
-    indexed: set[str] = set()
+def _chunks(uris: Sequence[str], n: int = 256) -> list[list[str]]:
+    ordered = sorted(uris)
+    return [ordered[i : i + n] for i in range(0, len(ordered), n)]
+
+
+def _indexed(index: CodeIndex, objects: Sequence[SourceObject]) -> dict[str, str]:
+    """``uri -> when its codes were written`` of each volume the code table holds at its listed etag."""
     etag_of = {o.uri: o.etag for o in objects}
-    uris = sorted(etag_of)
-    for i in range(0, len(uris), 256):
-        chunk = uris[i : i + 256]
+    out: dict[str, str] = {}
+    for chunk in _chunks(list(etag_of)):
+        t = index.to_arrow(
+            ["source_uri", "etag", "indexed_at"], where=f"source_uri IN ({', '.join(map(quote, chunk))})"
+        )
+        for u, etag, at in zip(*(t.column(c).to_pylist() for c in ("source_uri", "etag", "indexed_at")), strict=True):
+            if etag == etag_of.get(u):
+                out[u] = max(out.get(u, ""), at.isoformat() if at is not None else "")
+    return out
+
+
+def _in_table(index: CodeIndex, uris: Sequence[str]) -> set[str]:
+    """Those of ``uris`` the code table still holds rows of."""
+    held: set[str] = set()
+    for chunk in _chunks(uris):
+        t = index.to_arrow(["source_uri"], where=f"source_uri IN ({', '.join(map(quote, chunk))})")
+        held.update(t.column(0).to_pylist())
+    return held
+
+
+def _registrations(index: CodeIndex, objects: Sequence[SourceObject]) -> dict[str, dict[str, Any]]:
+    """The registration recorded with each volume's codes at its listed etag (where one was)."""
+    etag_of = {o.uri: o.etag for o in objects}
+    regs: dict[str, dict[str, Any]] = {}
+    for chunk in _chunks(list(etag_of)):
         t = index.to_arrow(["source_uri", "etag", "extra"], where=f"source_uri IN ({', '.join(map(quote, chunk))})")
         for u, etag, extra in zip(*(t.column(c).to_pylist() for c in ("source_uri", "etag", "extra")), strict=True):
-            if etag != etag_of.get(u):
-                continue
-            indexed.add(u)
-            if extra and REGISTRATION_KEY in extra:
+            if etag == etag_of.get(u) and extra and REGISTRATION_KEY in extra:
                 reg = json.loads(extra).get(REGISTRATION_KEY)
                 if isinstance(reg, dict) and "subject" in reg:
                     regs[u] = reg
-    return regs, indexed
+    return regs
 
 
 def _error_text(err: BaseException) -> str:
@@ -198,17 +222,27 @@ def carry_masks(
     """Lesion rows of each volume: its mask read from ``store`` and carried through its recorded registration.
 
     Returns ``(uri, fault, rows)`` per volume, or ``(uri, fault, error)`` where reading or carrying failed
-    (``fault`` as :func:`medret.errors.fault_of` says: "object" for a bad mask, "infra" for a store down).
+    (``fault`` as :func:`medret.errors.fault_of` says: "object" for a bad mask, "infra" or "auth" for a
+    store that fails, after which the task's other masks are not tried). A mask with no lesion voxel (a
+    negative case) makes no rows and no error.
     """
     from medret.io.volume import read_nifti
     from medret.preprocess.mri.recipe import deterministic_itk
 
-    deterministic_itk()
-    encoder = create_lesion_encoder(config)
     out: list[tuple[str, str, list[dict[str, Any]] | str]] = []
-    for w in work:
+    try:
+        deterministic_itk()
+        encoder = create_lesion_encoder(config)
+    except Exception as err:  # no template here (a worker without the data): every mask of the task is left out
+        return [
+            (w.uri, "object", f"{w.mask_uri}: the lesion encoder could not start: {_error_text(err)}") for w in work
+        ]
+    for i, w in enumerate(work):
         try:
             labels = read_nifti(store.read_bytes(w.mask_key), name=w.mask_uri)
+            if not labels.array.any():
+                out.append((w.uri, "", []))
+                continue
             reg = Registration.from_dict(w.registration)
             subject = VolumeGrid.from_dict(w.registration["subject"])
             carried = carry_lesion(labels, subject, reg, encoder.grid, name=w.mask_uri)
@@ -216,8 +250,19 @@ def carry_masks(
             rows = lesion_rows(w.uri, slices, patient=w.patient, mask_uri=w.mask_uri, version=w.version)
             out.append((w.uri, "", rows))
         except Exception as err:  # one bad mask fails its volume, not the task
-            out.append((w.uri, fault_of(err), _error_text(err)))
+            fault = fault_of(err)
+            out.append((w.uri, fault, _error_text(err)))
+            if fault in ("infra", "auth"):  # the store is down: the job stops, the rest waits for the next run
+                out += [(v.uri, fault, "not tried: the store failed") for v in work[i + 1 :]]
+                break
     return out
+
+
+def check_lesion_config(uri: str, table: str, config: LesionGridConfig, s3: S3Config | None = None) -> None:
+    """Refuse, before a run writes anything, a lesion config other than the one the table's lesion table
+    was built with (:meth:`LesionTable.for_index` says which)."""
+    if LesionTable.exists(uri, table, s3):
+        LesionTable.for_index(uri, table, config, s3)
 
 
 def sync_lesions(
@@ -234,10 +279,12 @@ def sync_lesions(
     source has a mask and the table has no lesion table.
 
     ``objects`` is the run's listing (each with its :attr:`~SourceObject.mask`). A volume's rows are remade
-    when its image or mask etag differs from the one its rows record, and only once its image is indexed at
-    the listed etag (its recorded registration is what carries the mask). A bad mask (unreadable, on another
-    grid, values not among the configured labels) removes the volume's rows and is listed in ``failed``;
-    ``on_error="fail"`` raises it instead. A store that fails raises (nothing is removed for it).
+    when its image (etag, or the time its codes were written) or its mask (key, etag) differs from what its
+    rows record, and only once its image is indexed at the listed etag (its recorded registration is what
+    carries the mask). Rows are removed for a volume listed without a mask and for one whose codes left
+    the table; a volume this run does not list (another source's) keeps its rows. A bad mask (unreadable,
+    on another grid, values not among the configured labels) removes the volume's rows and is listed in
+    ``failed``; ``on_error="fail"`` raises it instead. A store that fails raises (nothing is removed for it).
     """
     t0 = time.perf_counter()
     volumes = {o.uri: o for o in objects if o.mask}
@@ -246,38 +293,44 @@ def sync_lesions(
     lt = LesionTable.for_index(index.uri, index.name, config, s3)
     have = lt.versions()
     out = LesionSync(volumes=len(volumes))
-    pending = [o for o in volumes.values() if have.get(o.uri) != version_of(o)]
+    indexed = _indexed(index, list(volumes.values()))
+    want = {u: version_of(o, indexed.get(u, "")) for u, o in volumes.items()}
+    pending = [o for o in volumes.values() if have.get(o.uri) != want[o.uri]]
     out.unchanged = len(volumes) - len(pending)
-    regs, indexed = _registrations(index, pending)
-    drop = sorted(set(have) - set(volumes))  # volumes gone from the source or that lost their mask
+    regs = _registrations(index, [o for o in pending if o.uri in indexed])
+    # rows of volumes this run lists without a mask, or whose codes are gone from the table; not of volumes
+    # another source (another run) indexed into it
+    listed = {o.uri for o in objects}
+    stale = set(have) - set(volumes)
+    unlisted = sorted(stale - listed)
+    drop = sorted(stale & listed) + sorted(set(unlisted) - _in_table(index, unlisted))
     work: list[MaskWork] = []
     for o in pending:
         mask_uri = store.uri_of(o.mask)
+        reg = regs.get(o.uri)
         if not o.mask_etag:
-            out.failed.append(
-                {
-                    "uri": mask_uri,
-                    "error": f"{mask_uri}: named as the lesion mask of {o.uri} by its "
-                    "sidecar's mask_path, but the source holds no such object",
-                }
+            why = f"named as the lesion mask of {o.uri} by its sidecar's mask_path, but the source holds no such object"
+            out.failed.append({"uri": mask_uri, "error": f"{mask_uri}: {why}"})
+        elif reg is not None and reg.get("template", config.template) != config.template:
+            why = (
+                f"its image {o.uri} was registered to the {reg.get('template')!r} template, but the lesion table's "
+                f"grid is over {config.template!r}; set the job's lesions.template to {reg.get('template')!r}"
             )
-        elif o.uri in regs:
-            work.append(MaskWork(o.uri, o.mask, mask_uri, version_of(o), patient_of(o), regs[o.uri]))
+            out.failed.append({"uri": mask_uri, "error": f"{mask_uri}: {why}"})
+        elif reg is not None:
+            work.append(MaskWork(o.uri, o.mask, mask_uri, want[o.uri], patient_of(o), reg))
             continue
         elif o.uri in indexed:
-            out.failed.append(
-                {
-                    "uri": mask_uri,
-                    "error": f"{mask_uri}: its image {o.uri} was indexed without a "
-                    "recorded registration (not by the mri-brain recipe, or by an older medret); "
-                    "re-index the image (force) to make its lesion mask searchable",
-                }
+            why = (
+                f"its image {o.uri} was indexed without a recorded registration (not by the mri-brain recipe, or by "
+                "an older medret); re-index the image (force) to make its lesion mask searchable"
             )
-        if o.uri in have:  # not indexed at this etag (a bad image): not searchable until it is
+            out.failed.append({"uri": mask_uri, "error": f"{mask_uri}: {why}"})
+        if o.uri in have:  # not searchable until its image is indexed and its mask carried
             drop.append(o.uri)
-    if drop:
-        lt.replace(drop, [])
-        out.removed += len(drop)
+    for chunk in _chunks(drop, 500):
+        lt.replace(chunk, [])
+    out.removed += len(drop)
     if work:
         if say:
             say(f"carrying {len(work)} lesion mask(s) into template space")
@@ -299,8 +352,10 @@ def _run(
     have: Mapping[str, str],
     out: LesionSync,
 ) -> None:
-    """Carry the masks in Ray tasks, committing every :data:`COMMIT_VOLUMES` volumes as they come home."""
+    """Carry the masks in Ray tasks, committing every :data:`COMMIT_VOLUMES` volumes as they come home; on a
+    store fault, what is done is committed, the tasks not yet done are cancelled, and the fault is raised."""
     import ray
+    from ray.exceptions import RayError
 
     from medret.errors import StorageAuthError, StorageUnavailableError
     from medret.runtime import ensure_ray
@@ -308,7 +363,11 @@ def _run(
     ensure_ray(log_to_driver=False)
     task = ray.remote(num_cpus=1)(carry_masks)
     mask_of = {w.uri: w.mask_uri for w in work}
-    refs = [task.remote(work[i : i + TASK_VOLUMES], store, config) for i in range(0, len(work), TASK_VOLUMES)]
+    parts = {}
+    for i in range(0, len(work), TASK_VOLUMES):
+        part = work[i : i + TASK_VOLUMES]
+        parts[task.remote(part, store, config)] = part
+    refs = list(parts)
     uris: list[str] = []
     rows: list[dict[str, Any]] = []
     infra: tuple[str, str] | None = None
@@ -321,27 +380,40 @@ def _run(
                 raise
             except Exception as err:
                 raise IndexStoreError(f"writing the lesion table {lt.name} at {lt.uri}: {err}") from err
-            out.written += sum(1 for u in uris if any(r["source_uri"] == u for r in rows))
+            out.written += len({r["source_uri"] for r in rows})
             out.rows += len(rows)
             uris.clear()
             rows.clear()
 
-    while refs:
+    def bad(uri: str, error: str) -> None:
+        out.failed.append({"uri": mask_of[uri], "error": error})
+        if uri in have:  # rows of the mask before: stale now
+            uris.append(uri)
+            out.removed += 1
+
+    while refs and infra is None:
         done, refs = ray.wait(refs, num_returns=1)
-        for uri, fault, got in ray.get(done[0]):
+        try:
+            results = ray.get(done[0])
+        except RayError as err:  # the worker died carrying them (e.g. out of memory on a huge mask)
+            results = [
+                (w.uri, "object", f"{w.mask_uri}: the task carrying it failed: {_error_text(err)}")
+                for w in parts[done[0]]
+            ]
+        for uri, fault, got in results:
             if not fault:
                 uris.append(uri)
                 rows.extend(got)
+                out.empty += not got
             elif fault in ("infra", "auth"):
                 infra = infra or (fault, str(got))
             elif fault == "object":
-                out.failed.append({"uri": mask_of[uri], "error": str(got)})
-                if uri in have:  # rows of the mask before: stale now
-                    uris.append(uri)
-                    out.removed += 1
+                bad(uri, str(got))
             # "gone": the mask vanished after the listing; the next run lists the source without it
         if len(uris) >= COMMIT_VOLUMES:
             commit()
+    for ref in refs:  # a store fault: the rest waits for the next run
+        ray.cancel(ref)
     commit()
     if infra:
         raise (StorageAuthError if infra[0] == "auth" else StorageUnavailableError)(infra[1])

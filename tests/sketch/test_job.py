@@ -155,6 +155,7 @@ def test_the_listing_attaches_masks_to_their_images(tmp_path: Path) -> None:
     from medret.pipelines.sources import list_source
 
     names = ("a/x.nii.gz", "a/x_seg.nii.gz", "a/y.nii", "a/y_mask.nii", "b/z.nii.gz", "m/lesion-of-z.nii.gz")
+    names += ("d/Case.nii.gz", "d/Case_SEG.nii.gz", "e/v.nii.gz", "e/v_mask.nii.gz", "e/v_seg.nii.gz")
     for name in (*names, "c/brain_mask.nii.gz"):  # the last: a mask-like name with no image beside it
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(name.encode())
@@ -170,6 +171,8 @@ def test_the_listing_attaches_masks_to_their_images(tmp_path: Path) -> None:
         "b/z.nii.gz": ("m/lesion-of-z.nii.gz", True, {"label": "1"}),  # mask_path is no metadata of the image
         "b/w.nii.gz": ("b/gone.nii.gz", False, {"label": "2"}),  # named, not held: the job lists it as failed
         "c/brain_mask.nii.gz": ("", False, {}),  # no brain.nii.gz beside it: a volume of its own
+        "d/Case.nii.gz": ("d/Case_SEG.nii.gz", True, {}),  # the suffix in any case
+        "e/v.nii.gz": ("e/v_seg.nii.gz", True, {}),  # _seg before _mask; the other is left out, neither indexed
     }
 
 
@@ -236,3 +239,56 @@ def test_a_store_that_fails_while_masks_are_read_stops_the_sync_and_removes_noth
         assert again is not None and again.written == 1 and not again.failed and again.removed == 0
     finally:
         server.stop()
+
+
+def test_runs_over_other_sources_keep_their_volumes_rows(tmp_path: Path, tcga_case: Case) -> None:
+    """Rows go only for a volume this run lists without a mask or whose codes left the table: a run over
+    another source leaves the first source's volumes alone. A mask with no lesion makes no rows and no
+    error; a registration to another template than the lesion grid's is refused by name."""
+    import json
+
+    from medret.models.encoder import EncoderConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(TCGA_MASK, src / "a_seg.nii.gz")
+    shutil.copy(TCGA_MASK, src / "b_seg.nii.gz")
+    img = nib.load(TCGA_MASK)
+    nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, img.header).to_filename(src / "c_seg.nii.gz")
+    store = open_store(str(src))
+    index = CodeIndex.create(str(tmp_path / "index"), EncoderConfig(name="pca-itq", bits=16, weights_sha256="x"))
+    reg = {**tcga_case.result.registration.as_dict(), "subject": tcga_case.result.subject.grid.as_dict()}
+    uris = {v: f"s3://site-{v}/{v}.nii.gz" for v in "abcd"}
+    regs = {**{v: reg for v in "abc"}, "d": {**reg, "template": "mni152"}}
+    index.upsert(
+        index.rows(
+            [f"{u}#level=0" for u in uris.values()],
+            np.zeros((4, 2), np.uint8),
+            source_uri=list(uris.values()),
+            etag=["e1"] * 4,
+            extra=[json.dumps({"registration": regs[v]}) for v in uris],
+        )
+    )
+
+    def obj(v: str, mask: bool = True) -> SourceObject:
+        o = SourceObject(uris[v], f"{v}.nii.gz", "e1", 0, "nifti", mask=f"{v}_seg.nii.gz" if mask else "")
+        o.mask_etag = store.info(f"{'a' if v == 'd' else v}_seg.nii.gz").etag if mask else ""
+        if v == "d":
+            o.mask = "a_seg.nii.gz"
+        return o
+
+    def volumes() -> set[str]:
+        return set(lesion_state(str(tmp_path / "index")))
+
+    first = sync_lesions(index, [obj("a")], store, CONFIG)  # a run over site a
+    assert first is not None and first.written == 1 and volumes() == {uris["a"]}
+    other = sync_lesions(index, [obj("b"), obj("c")], store, CONFIG)  # a run over sites b and c
+    assert other is not None and other.written == 1 and other.removed == 0 and other.empty == 1
+    assert not other.failed and volumes() == {uris["a"], uris["b"]}
+    index.delete_sources([uris["a"]])  # site a's image left the index (an incremental run removed it)
+    gone = sync_lesions(index, [obj("b", mask=False)], store, CONFIG)  # and b is now listed without its mask
+    assert gone is not None and gone.removed == 2 and volumes() == set()
+    wrong = sync_lesions(index, [obj("d")], store, CONFIG)
+    assert wrong is not None and not volumes()
+    (failed,) = wrong.failed
+    assert "'mni152' template" in failed["error"] and "lesions.template" in failed["error"]
