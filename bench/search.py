@@ -2,6 +2,7 @@
 
     python bench/search.py [--sizes 1000000 10000000] [--ks 10 100] [--threads 1] [--json out.json]
     python bench/search.py --codes my_codes.npy       # a user's own packed uint8 codes (n, nbytes)
+    python bench/search.py --codes medret-out/index   # ...or the codes of a code table (--table, default codes)
 
 Every cell of BENCHMARKS.md "Search": code sets x query sets x k x sizes.
 
@@ -75,10 +76,23 @@ def brute_topk(db: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return out_i, out_d
 
 
+def table_codes(uri: str, table: str) -> np.ndarray:
+    """The packed codes of a medret code table (a local folder or ``s3://``; S3 settings from ``AWS_*``)."""
+    from medret.index.store import CodeIndex
+
+    index = CodeIndex.open(uri, table=table)
+    col = index.to_arrow(["code"]).column("code").combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), index.encoder.code_bytes)
+
+
 def code_sets(args: argparse.Namespace, n: int, q: int, rng: np.random.Generator) -> dict[str, tuple[Any, Any]]:
     """Name -> (database codes, fresh queries)."""
     if args.codes:
-        codes = np.load(args.codes, mmap_mode="r")
+        codes = (
+            table_codes(args.codes, args.table)
+            if Path(args.codes).suffix != ".npy"
+            else np.load(args.codes, mmap_mode="r")
+        )
         if codes.dtype != np.uint8 or codes.ndim != 2:
             raise SystemExit(f"--codes must hold packed uint8 codes (n, nbytes), got {codes.dtype} {codes.shape}")
         held = rng.choice(len(codes), min(q, len(codes) // 2), replace=False)
@@ -165,7 +179,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", help="database sizes (default 1M and 10M; with --codes, all)")
     ap.add_argument("--ks", type=int, nargs="+", default=[10, 100])
-    ap.add_argument("--codes", help="a .npy of packed uint8 codes (n, nbytes) to use instead of generated ones")
+    ap.add_argument(
+        "--codes", help="a .npy of packed uint8 codes (n, nbytes), or a medret index (folder or s3://), to use instead"
+    )
+    ap.add_argument("--table", default="codes", help="with --codes INDEX: the code table")
     ap.add_argument("--codesets", nargs="+", default=["random", "clustered"], choices=["random", "clustered"])
     ap.add_argument(
         "--querysets", nargs="+", default=["rows", "fresh", "uniform"], choices=["rows", "fresh", "uniform"]
