@@ -100,6 +100,37 @@ def test_the_jobs_rows_are_the_masks_carried_by_the_images_own_registration(
     assert len(got[sib]) >= 3  # the lesion spans several levels
 
 
+def test_the_service_answers_a_sketch_from_the_table_the_job_made(
+    job: dict[str, Any], encoder: RasterEncoder, tcga_case: Case
+) -> None:
+    """End to end: the job's lesion table, served: a sketch over the real lesion finds its patient first."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from medret.serve.app import create_app
+    from medret.serve.config import ServiceConfig
+    from medret.serve.service import Service
+
+    tg = encoder.grid
+    level = int(np.argmax([(tcga_case.carried[tg.slab(i)] == 1).sum() for i in range(tg.n_levels)]))
+    mask = tg.box((tcga_case.carried[tg.slab(level)] == 1).mean(axis=0)) >= 0.5
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+    body = {"table": "codes", "level": level, "masks": {"edema": {"png": base64.b64encode(buf.getvalue()).decode()}}}
+    api = TestClient(create_app(Service(ServiceConfig(index=job["index"], refresh_s=0))))
+    r = api.post("/v1/sketch/search", json={**body, "k": 5})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["patients_searchable"] == 2
+    assert [h["patient"] for h in out["results"][:2]] == sorted(
+        ["TCGA-FG-6692", str(job["src"] / "sib" / "fla.nii.gz")]
+    )
+    assert all(h["dice"] > 0.8 and abs(h["level"] - level) <= 1 for h in out["results"][:2])
+
+
 def test_masks_that_change_go_bad_or_go_away_are_followed_without_re_encoding_images(
     job: dict[str, Any], encoder: RasterEncoder, tcga_case: Case
 ) -> None:
