@@ -125,9 +125,8 @@ def test_the_service_answers_a_sketch_from_the_table_the_job_made(
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["patients_searchable"] == 2
-    assert [h["patient"] for h in out["results"][:2]] == sorted(
-        ["TCGA-FG-6692", str(job["src"] / "sib" / "fla.nii.gz")]
-    )
+    top = {h["patient"] for h in out["results"][:2]}  # the same lesion twice: equal Dice, in either order
+    assert top == {"TCGA-FG-6692", str(job["src"] / "sib" / "fla.nii.gz")}
     assert all(h["dice"] > 0.8 and abs(h["level"] - level) <= 1 for h in out["results"][:2])
 
 
