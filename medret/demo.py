@@ -54,6 +54,9 @@ class DemoConfig(Frozen):
     train: bool = Field(default=True, description="fine-tune the default encoder first (else index with the shipped)")
     epochs: int = Field(default=1, ge=1)
     train_samples: int = Field(default=6144, ge=64, description="training samples per epoch")
+    export_samples: int = Field(
+        default=10_000, ge=1, description="training images the fine-tuned encoder's similarity bits are fitted on"
+    )
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     host: str = "127.0.0.1"
@@ -200,6 +203,7 @@ class Demo:
             init="default",
             epochs=self.cfg.epochs,
             samples_per_epoch=self.cfg.train_samples,
+            export_samples=self.cfg.export_samples,
             lr=3e-4,
             num_workers=self.cfg.num_workers,
             use_gpu=self.cfg.use_gpu,

@@ -16,6 +16,11 @@ from medret.storage.uri import parse_uri
 
 _bucket_ids = itertools.count()
 
+# Ray Train's controller polls its workers every 2 s, so each run's end waits up to a poll (or two: a report,
+# then the finish). The tests' runs train for seconds: poll every 0.5 s (a late answer is not a failure; the
+# workers' health-check timeout stays 10 min). Set before any Ray starts, so the CLI subprocesses inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

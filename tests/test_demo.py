@@ -38,8 +38,8 @@ def test_demo_runs_everything_serves_the_page_and_stops_cleanly_on_ctrl_c(tmp_pa
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "medret.cli.main", "demo", "--json"),
-            *("--gallery-per-organ", str(PER_ORGAN), "--train-samples", "256", "--port", str(port)),
-            *("--out", str(out)),
+            *("--gallery-per-organ", str(PER_ORGAN), "--train-samples", "256", "--export-samples", "2000"),
+            *("--port", str(port), "--out", str(out)),
         ],
         stdout=subprocess.PIPE,
         stderr=err,
@@ -53,7 +53,7 @@ def test_demo_runs_everything_serves_the_page_and_stops_cleanly_on_ctrl_c(tmp_pa
         while "Ctrl-C stops it" not in log.read_text():
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(2)
+            time.sleep(0.5)
         text = log.read_text()
         for stage in (
             "starting a SeaweedFS S3 server",
@@ -99,3 +99,4 @@ def test_demo_runs_everything_serves_the_page_and_stops_cleanly_on_ctrl_c(tmp_pa
     assert summary["encoder"].endswith("encoder.npz")  # indexed with the encoder it trained, not the shipped one
     assert len(summary["samples"]) == 5 and all(s["results"] for s in summary["samples"])
     assert (out / "demo.json").is_file() and (out / "config.resolved.yaml").is_file()
+    assert "export_samples: 2000" in (out / "train" / "config.resolved.yaml").read_text()  # reached the trainer

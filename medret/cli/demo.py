@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 1)")
     parser.add_argument("--train-samples", type=int, help="training samples per epoch (default: 6144)")
     parser.add_argument(
+        "--export-samples",
+        type=int,
+        help="training images the fine-tuned encoder's similarity bits are fitted on (default: 10000)",
+    )
+    parser.add_argument(
         "--gallery-per-organ", type=int, help="archive only N gallery images per organ, every class kept (a quick look)"
     )
     parser.add_argument("--use-gpu", action="store_true", default=None, help="train on a GPU")
@@ -94,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             "train": args.train,
             "epochs": args.epochs,
             "train_samples": args.train_samples,
+            "export_samples": args.export_samples,
             "use_gpu": args.use_gpu,
             "gallery_per_organ": args.gallery_per_organ,
             "host": args.host,

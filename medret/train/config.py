@@ -89,6 +89,11 @@ class TrainConfig(Frozen):
     )
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     val_queries: int = Field(default=2000, ge=0, description="val images used for the per-epoch mAP@100")
+    export_samples: int = Field(
+        default=10_000,
+        ge=1,
+        description="training images sampled at each checkpoint to fit the similarity bits and the bit balance",
+    )
     name: str = Field(default="", pattern=r"^[A-Za-z0-9_\-.]*$", description="run name; default from the method")
     storage_path: str = Field(default="medret-out/train", description="local folder or s3://bucket/prefix")
     output: str = Field(default="", description="local folder for encoder.npz and reports; default storage/name")

@@ -335,10 +335,11 @@ def export_encoder(run: WorkerRun) -> TorchHashEncoder:
     """The method's encoder as exported: a copy on the CPU, its bits balanced and fine bits fitted when asked."""
     cfg = run.cfg
     net = copy.deepcopy(run.method.encoder).cpu().eval()
+    n = cfg.export_samples
     if cfg.resolved("bit_balance", False):  # thresholds from the training mix the run sampled
-        net.balance_bits(training_features(net, run.feed.train_sample(10_000, cfg.seed + 1, balanced=True)))
+        net.balance_bits(training_features(net, run.feed.train_sample(n, cfg.seed + 1, balanced=True)))
     if run.method.task.fine_bits:
-        net.fit_fine(training_features(net, run.feed.train_sample(10_000, cfg.seed, balanced=False)), seed=cfg.seed)
+        net.fit_fine(training_features(net, run.feed.train_sample(n, cfg.seed, balanced=False)), seed=cfg.seed)
     return TorchHashEncoder.from_module(net, run.enc_config)
 
 

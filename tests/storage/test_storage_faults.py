@@ -49,6 +49,9 @@ from medret.storage.s3local import SeaweedS3, free_port
 from medret.storage.uri import parse_uri
 
 CORRUPT = "0/corrupt.png"  # listed early, so the first run reaches it too
+#: objects in the archives the kill tests index: ten times the commit the store is killed after (commit_rows=40),
+#: so the first run stops far from its end and the rerun still commits several times
+ARCHIVE = 400
 
 
 def png(image: np.ndarray) -> bytes:
@@ -60,7 +63,7 @@ def png(image: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def pngs(data_dir: Path) -> list[bytes]:
     gallery = medmnist4(data_dir / "medmnist")["gallery"]
-    return [png(gallery.images[i * 5]) for i in range(1200)]
+    return [png(gallery.images[i * 5]) for i in range(ARCHIVE)]
 
 
 def put_archive(store: Any, pngs: list[bytes], n: int) -> list[str]:
@@ -201,7 +204,7 @@ def test_source_store_killed_mid_backfill_loses_nothing(own_s3: SeaweedS3, pngs:
     cfg = own_s3.config()
     store = S3Store(parse_uri("s3://arch/png"), cfg)
     store.ensure_bucket()
-    keys = put_archive(store, pngs, 1200)
+    keys = put_archive(store, pngs, ARCHIVE)
     index = tmp_path / "index"
     args = ["--source", "s3://arch/png", "--index", str(index)]
 
@@ -237,7 +240,7 @@ def test_index_store_killed_mid_commit_loses_nothing(own_s3: SeaweedS3, pngs: li
     cfg = own_s3.config()
     S3Store(parse_uri("s3://idx"), cfg).ensure_bucket()
     src = tmp_path / "src"
-    keys = put_archive(open_store(str(src)), pngs, 1000)
+    keys = put_archive(open_store(str(src)), pngs, ARCHIVE)
     args = ["--source", str(src), "--index", "s3://idx/index"]
 
     first = cli(own_s3, *args, "--out", str(tmp_path / "o1"))
