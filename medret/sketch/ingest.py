@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from medret.config import S3Config
 from medret.errors import DataError, IndexStoreError, MedretError, fault_of
@@ -37,8 +37,18 @@ from medret.sketch.store import LesionTable, lesion_rows
 
 if TYPE_CHECKING:
     from medret.index.store import CodeIndex
-    from medret.pipelines.sources import SourceObject
     from medret.storage.objects import ObjectStore
+
+
+class SourceObject(Protocol):
+    """What the reconcile reads of a listed object (:class:`medret.pipelines.sources.SourceObject`)."""
+
+    uri: str
+    etag: str
+    mask: str
+    mask_etag: str
+    meta: dict[str, Any]
+
 
 log = logging.getLogger(__name__)
 

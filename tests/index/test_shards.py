@@ -193,8 +193,16 @@ def test_shared_shards_live_while_renewed_and_end_after_their_lease(tmp_path: Pa
         while any(alive()) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert alive() == [False, False], "shards outlived their lease with no replica renewing it"
-        with pytest.raises(SearchUnavailableError):  # this replica's handles point at the ended shards
-            replica.search(_queries(1), 5)
-        _assert_one_scan(replica, uri, _queries(2))  # ...which it started again by name
+        # a replica started now starts them again by name, and a renewing replica whose shard ended (killed for
+        # good here) answers 503 once, then starts it again by name
+        again = ShardedIndex(uri, shards=2, shared_as="lease-test", lease_s=2.0, num_cpus=0)
+        try:
+            _assert_one_scan(again, uri, _queries(2))
+            ray.kill(again._actors[1], no_restart=True)
+            with pytest.raises(SearchUnavailableError):
+                again.search(_queries(1), 5)
+            _assert_one_scan(again, uri, _queries(3))
+        finally:
+            again.close()
     finally:
         replica.close()
