@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -184,40 +184,39 @@ def _chunks(uris: Sequence[str], n: int = 256) -> list[list[str]]:
     return [ordered[i : i + n] for i in range(0, len(ordered), n)]
 
 
+def _rows_of(index: CodeIndex, uris: Sequence[str], columns: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+    """``(source_uri, *columns)`` of every code-table row of these volumes, read a chunk of volumes at a time
+    (a lookup through the table's ``source_uri`` index, not a scan of the table)."""
+    cols = ["source_uri", *columns]
+    for chunk in _chunks(uris):
+        t = index.to_arrow(cols, where=f"source_uri IN ({', '.join(map(quote, chunk))})")
+        yield from zip(*(t.column(c).to_pylist() for c in cols), strict=True)
+
+
 def _indexed(index: CodeIndex, objects: Sequence[SourceObject]) -> dict[str, str]:
     """``uri -> when its codes were written`` of each volume the code table holds at its listed etag."""
     etag_of = {o.uri: o.etag for o in objects}
     out: dict[str, str] = {}
-    for chunk in _chunks(list(etag_of)):
-        t = index.to_arrow(
-            ["source_uri", "etag", "indexed_at"], where=f"source_uri IN ({', '.join(map(quote, chunk))})"
-        )
-        for u, etag, at in zip(*(t.column(c).to_pylist() for c in ("source_uri", "etag", "indexed_at")), strict=True):
-            if etag == etag_of.get(u):
-                out[u] = max(out.get(u, ""), at.isoformat() if at is not None else "")
+    for u, etag, at in _rows_of(index, list(etag_of), ["etag", "indexed_at"]):
+        if etag == etag_of.get(u):
+            out[u] = max(out.get(u, ""), at.isoformat() if at is not None else "")
     return out
 
 
 def _in_table(index: CodeIndex, uris: Sequence[str]) -> set[str]:
     """Those of ``uris`` the code table still holds rows of."""
-    held: set[str] = set()
-    for chunk in _chunks(uris):
-        t = index.to_arrow(["source_uri"], where=f"source_uri IN ({', '.join(map(quote, chunk))})")
-        held.update(t.column(0).to_pylist())
-    return held
+    return {u for (u,) in _rows_of(index, uris, [])}
 
 
 def _registrations(index: CodeIndex, objects: Sequence[SourceObject]) -> dict[str, dict[str, Any]]:
     """The registration recorded with each volume's codes at its listed etag (where one was)."""
     etag_of = {o.uri: o.etag for o in objects}
     regs: dict[str, dict[str, Any]] = {}
-    for chunk in _chunks(list(etag_of)):
-        t = index.to_arrow(["source_uri", "etag", "extra"], where=f"source_uri IN ({', '.join(map(quote, chunk))})")
-        for u, etag, extra in zip(*(t.column(c).to_pylist() for c in ("source_uri", "etag", "extra")), strict=True):
-            if etag == etag_of.get(u) and extra and REGISTRATION_KEY in extra:
-                reg = json.loads(extra).get(REGISTRATION_KEY)
-                if isinstance(reg, dict) and "subject" in reg:
-                    regs[u] = reg
+    for u, etag, extra in _rows_of(index, list(etag_of), ["etag", "extra"]):
+        if etag == etag_of.get(u) and extra and REGISTRATION_KEY in extra:
+            reg = json.loads(extra).get(REGISTRATION_KEY)
+            if isinstance(reg, dict) and "subject" in reg:
+                regs[u] = reg
     return regs
 
 
