@@ -189,10 +189,12 @@ def test_a_chunked_body_over_the_limit_is_a_413(index: dict[str, Any]) -> None:
 
 
 def test_stalled_and_slow_bodies_get_a_408(index: dict[str, Any]) -> None:
-    quick = app(index, body_idle_s=0.3, body_grace_s=0.2, min_body_rate=10_000)
-    out = asgi(quick, [b"--xx\r\n"], headers={**MULTIPART, "content-length": "5000"})
+    # each case gets a wide margin on the other deadline, so a loaded machine cannot trip it first
+    stall = app(index, body_idle_s=0.3, body_grace_s=60, min_body_rate=10_000)
+    out = asgi(stall, [b"--xx\r\n"], headers={**MULTIPART, "content-length": "5000"})
     assert out["status"] == 408 and "no request body data" in out["body"]["detail"]
-    out = asgi(quick, [b"--xx\r\n"] * 20, headers={**MULTIPART, "content-length": "5000"}, delay=0.1)
+    slow = app(index, body_idle_s=10, body_grace_s=0.2, min_body_rate=10_000)
+    out = asgi(slow, [b"--xx\r\n"] * 20, headers={**MULTIPART, "content-length": "5000"}, delay=0.1)
     assert out["status"] == 408 and "slower than 10000 bytes/s" in out["body"]["detail"]
 
 
