@@ -150,6 +150,7 @@ class CodeIndex:
         self._storage_options = lance_storage_options(uri, s3)
         schema = table.schema
         self.encoder: EncoderConfig = sch.encoder_of(schema)
+        self._encoder_id = self.encoder.encoder_id  # a digest of the config: worth computing once
         self.checkpoint: str = sch.checkpoint_of(schema)
         self.recipes: dict[str, Any] | None = sch.recipes_of(schema)
         self.serves: tuple[str, ...] | None = sch.serves_of(schema)
@@ -218,7 +219,7 @@ class CodeIndex:
     # -- facts -----------------------------------------------------------------------
     @property
     def encoder_id(self) -> str:
-        return self.encoder.encoder_id
+        return self._encoder_id
 
     @property
     def has_features(self) -> bool:

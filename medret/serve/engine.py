@@ -50,7 +50,7 @@ class QueryEngine:
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
         self.catalog = Tables(cfg)
-        self.encoders = Encoders(cfg.checkpoint)
+        self.encoders = Encoders(cfg.checkpoint, runtime=cfg.encoder_runtime, threads=cfg.encoder_threads)
         self.searcher = Searcher(cfg, self.catalog)
         self.thumbnails = Thumbnails(cfg)
         self.slide_search = SlideSearch(cfg.s3)

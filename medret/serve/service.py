@@ -98,6 +98,16 @@ class Service:
         finally:
             self._heavy_admitted -= 1
 
+    async def route_and_prepare(
+        self, table: str | None, data: bytes, name: str, kind: str, slice: int | None, mpp: float | None
+    ) -> tuple[CodeIndex, Query]:
+        """The table that answers an upload (:meth:`QueryEngine.route`) and the upload prepared for it: for a
+        cheap kind, one hop to a worker thread for both."""
+        if not self.engine.is_heavy(data, name, kind):
+            return await asyncio.to_thread(_route_and_prepare, self.engine, table, data, name, kind, slice, mpp)
+        idx = await asyncio.to_thread(self.engine.route, table, data, name, kind)
+        return idx, await self.prepare(idx, data, name, kind, slice, mpp)
+
     async def similar_slides(self, table: str | None, slide: str, k: int, method: str) -> tuple[CodeIndex, Any]:
         """Slides like an indexed slide (cheap), else like the slide at that URI under the roots (read, tiled
         and encoded on the bounded pool, like a volume)."""
@@ -159,6 +169,13 @@ def _search_region(
         raise
     except Exception as err:  # a decoder tripped over bad bytes: still the upload's fault
         raise CorruptFileError(name, f"could not decode: {type(err).__name__}: {err}") from err
+
+
+def _route_and_prepare(
+    engine: QueryEngine, table: str | None, data: bytes, name: str, kind: str, slice: int | None, mpp: float | None
+) -> tuple[CodeIndex, Query]:
+    idx = engine.route(table, data, name, kind)
+    return idx, _prepare(engine, idx, data, name, kind, slice, mpp)
 
 
 def _prepare(

@@ -96,6 +96,44 @@ def test_onnx_codes_equal_torch_codes_on_real_images(data_dir: Path, tmp_path: P
     np.testing.assert_allclose(onnx_enc.forward_features(images), enc.forward_features(images), atol=1e-4)
 
 
+def test_the_query_paths_onnx_twin_gives_torch_codes_exactly(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medret.models.onnx as onnx_mod
+
+    enc = resolve_encoder("default")
+    assert isinstance(enc, TorchHashEncoder)
+    split = split_from_files(files(data_dir))
+    images = np.concatenate([split["query"].images, split["gallery"].images[:400]])
+    twin = onnx_mod.CheckedOnnxEncoder.of(enc)
+    codes, feats = twin.encode_with_features(images)
+    want_codes, want_feats = enc.encode_with_features(images)
+    np.testing.assert_array_equal(codes, want_codes)
+    np.testing.assert_allclose(feats, want_feats, atol=1e-4)
+    np.testing.assert_array_equal(np.concatenate([twin.encode(images[i : i + 1]) for i in range(20)]), want_codes[:20])
+    # a wide margin sends many images back to torch: their codes and features are torch's own
+    monkeypatch.setattr(onnx_mod, "SIGN_MARGIN", 0.5)
+    twin.rechecked = 0
+    codes, feats = twin.encode_with_features(images)
+    _, cont = enc._both(images)
+    near = np.abs(cont).min(axis=1) < 0.5
+    assert 0 < twin.rechecked == near.sum() < len(images)
+    np.testing.assert_array_equal(codes, want_codes)
+    np.testing.assert_array_equal(feats[near], want_feats[near])
+
+
+def test_a_twin_that_differs_on_its_probe_is_refused_and_torch_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medret.models.onnx as onnx_mod
+    from medret.serve.encoders import Encoders
+
+    enc = resolve_encoder("default")
+    assert isinstance(enc, TorchHashEncoder)
+    assert isinstance(Encoders(runtime="onnx")._for_queries(enc), onnx_mod.CheckedOnnxEncoder)
+    assert Encoders(runtime="torch")._for_queries(enc) is enc
+    monkeypatch.setattr(onnx_mod, "PROBE_TOLERANCE", -1.0)  # no twin is close enough
+    with pytest.raises(ValueError, match="ONNX Runtime differs from torch by"):
+        onnx_mod.CheckedOnnxEncoder.of(enc)
+    assert Encoders(runtime="onnx")._for_queries(enc) is enc
+
+
 def test_encoder_rejects_wrong_image_size() -> None:
     from medret.errors import DataError
 

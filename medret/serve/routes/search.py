@@ -110,8 +110,7 @@ async def search(
     chosen = parse_filters(modality, dataset, label, filters)
     data = await file.read(cfg.max_upload_bytes + 1)
     name = file.filename or "upload"
-    idx = await asyncio.to_thread(engine.route, table, data, name, kind)  # named, else by the upload's kind
-    q = await service.prepare(idx, data, name, kind, slice, mpp)
+    idx, q = await service.route_and_prepare(table, data, name, kind, slice, mpp)  # named, else by its kind
     t1 = time.perf_counter()
     code, feature = await service.encode(idx, q.image)
     t2 = time.perf_counter()
