@@ -71,7 +71,28 @@ class _FullCode(torch.nn.Module):
         return self.net.forward_code(x)
 
 
-class OnnxEncoder:
+class _FromRun:
+    """The numpy encoder API over ``_run`` (images -> features and continuous codes, one pass)."""
+
+    def _run(self, images: npt.NDArray[Any]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        raise NotImplementedError
+
+    def forward_features(self, images: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        return self._run(images)[0]
+
+    def forward_code(self, images: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        return self._run(images)[1]
+
+    def encode(self, images: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+        return pack_bits(self.forward_code(images))
+
+    def encode_with_features(self, images: npt.NDArray[Any]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+        """Packed codes and features, one pass."""
+        features, code = self._run(images)
+        return pack_bits(code), features
+
+
+class OnnxEncoder(_FromRun):
     """The same numpy API as the torch encoder, run by ONNX Runtime on the CPU."""
 
     def __init__(self, path: str | os.PathLike[str] | bytes, *, threads: int = 0) -> None:
@@ -92,29 +113,16 @@ class OnnxEncoder:
         features, code = self.session.run(["features", "code"], {"images": x})
         return features, code
 
-    def forward_features(self, images: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-        return self._run(images)[0]
-
-    def forward_code(self, images: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-        return self._run(images)[1]
-
-    def encode(self, images: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
-        return pack_bits(self.forward_code(images))
-
-    def encode_with_features(self, images: npt.NDArray[Any]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
-        """Packed codes and backbone features, one session run."""
-        features, code = self._run(images)
-        return pack_bits(code), features
-
 
 #: a continuous code value at least this far from 0 has the same sign in ONNX Runtime as in torch (their
 #: float results differ by ~1e-6 on medret's encoders; :class:`CheckedOnnxEncoder` checks 1e-4 at load)
 SIGN_MARGIN = 1e-3
-#: what the two runtimes may differ by on the probe images before the ONNX twin is refused
+#: what the two runtimes may differ by on the probe images before the ONNX twin is refused: continuous
+#: codes absolutely (a tenth of :data:`SIGN_MARGIN`), features relative to their largest magnitude
 PROBE_TOLERANCE = 1e-4
 
 
-class CheckedOnnxEncoder:
+class CheckedOnnxEncoder(_FromRun):
     """A torch encoder's ONNX Runtime twin that gives exactly the torch encoder's codes.
 
     ONNX Runtime runs a small encoder several times faster than eager torch for one image (the query
@@ -138,7 +146,9 @@ class CheckedOnnxEncoder:
         shape = (8, *c.input_size) if c.channels == 1 else (8, *c.input_size, c.channels)
         probe = np.random.default_rng(seed).random(shape, dtype=np.float32)
         (tf, tc), (of, oc) = encoder._both(probe), twin.onnx._run(probe)
-        worst = max(float(np.abs(tf - of).max(initial=0.0)), float(np.abs(tc - oc).max(initial=0.0)))
+        code_gap = float(np.abs(tc - oc).max(initial=0.0))
+        feature_gap = float(np.abs(tf - of).max(initial=0.0)) / max(1.0, float(np.abs(tf).max(initial=0.0)))
+        worst = max(code_gap, feature_gap)
         if not worst <= PROBE_TOLERANCE:
             raise ValueError(f"{c.name}: ONNX Runtime differs from torch by {worst:.3g} on probe images")
         return twin
@@ -153,20 +163,6 @@ class CheckedOnnxEncoder:
             features[near], code[near] = tf, tc
         return features, code
 
-    def forward_features(self, images: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-        return self._run(images)[0]
-
-    def forward_code(self, images: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-        return self._run(images)[1]
-
-    def encode(self, images: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
-        return pack_bits(self.forward_code(images))
-
     def save(self, path: str | os.PathLike[str]) -> EncoderConfig:
         """The torch encoder's checkpoint (the twin is made again from it)."""
         return self.torch.save(path)
-
-    def encode_with_features(self, images: npt.NDArray[Any]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
-        """Packed codes (torch's exactly) and features, one ONNX Runtime run (plus torch for near-zero values)."""
-        features, code = self._run(images)
-        return pack_bits(code), features
