@@ -109,11 +109,11 @@ async def load(url: str, mode: str, concurrency: int, seconds: float, pngs: list
         nonlocal errors
         while time.perf_counter() < deadline:
             t = time.perf_counter()
-            if mode in ("upload", "trivial"):  # the same request; "trivial": to a handler that returns a constant
+            if mode in PEERS or mode == "upload":  # the same request; the peers return a constant
                 form = aiohttp.FormData()
                 form.add_field("file", pngs[int(rng.integers(len(pngs)))], filename="q.png")
                 form.add_field("k", "10")
-                req = session.post(url + ("v1/search" if mode == "upload" else "trivial"), data=form)
+                req = session.post(url + PEERS.get(mode, "v1/search"), data=form)
             else:
                 item = quote(ids[int(rng.integers(len(ids)))], safe="")
                 req = session.get(url + f"v1/items/{item}/similar?k=10")
@@ -153,6 +153,11 @@ async def load(url: str, mode: str, concurrency: int, seconds: float, pngs: list
     }
 
 
+#: the peers measured in the same run, by the path they answer under: a Serve handler that reads the body,
+#: and a FastAPI ingress that parses the same multipart form (file and k) as medret's search route
+PEERS = {"trivial": "trivial", "form": "trivial-form/"}
+
+
 def deploy_trivial() -> None:
     """The peer: a Serve application on the same proxy that reads the request body and returns a constant,
     so its latency is what Serve, HTTP and the load generator cost by themselves."""
@@ -167,6 +172,24 @@ def deploy_trivial() -> None:
             return JSONResponse({"results": [], "timings_ms": {"total": 0.0}})
 
     serve.run(Trivial.bind(), name="trivial", route_prefix="/trivial")
+
+    from typing import Annotated
+
+    from fastapi import FastAPI, File, Form, UploadFile
+
+    form_app = FastAPI()
+
+    @form_app.post("/")
+    async def parse(file: Annotated[UploadFile, File()], k: Annotated[int, Form(ge=1)] = 10) -> dict:
+        await file.read()
+        return {"results": [], "timings_ms": {"total": 0.0}}
+
+    @serve.deployment(max_ongoing_requests=256)
+    @serve.ingress(form_app)
+    class TrivialForm:
+        pass
+
+    serve.run(TrivialForm.bind(), name="trivial-form", route_prefix="/trivial-form")  # type: ignore[attr-defined]
 
 
 def batch_stats(url: str) -> tuple[float, float, float]:
@@ -218,7 +241,7 @@ def main() -> None:
         asyncio.run(load(url, "byid", 1, 0.5, pngs, ids))
         warm_s = time.perf_counter() - t
         for c in args.concurrency if wait == 0.0 else [1]:
-            for mode in ("trivial", "upload", "byid") if wait == 0.0 else ("upload",):
+            for mode in ("trivial", "form", "upload", "byid") if wait == 0.0 else ("upload",):
                 b0, q0, m0 = batch_stats(url)
                 r = asyncio.run(load(url, mode, c, args.seconds, pngs, ids))
                 b1, q1, m1 = batch_stats(url)
@@ -251,11 +274,18 @@ def main() -> None:
     print(f"\n{meta['command']} on {meta['machine']}, {meta['date']}; warm-up {warm_s:.1f} s")
     by = {(r["mode"], r["concurrency"], r["batch_wait_s"]): r for r in results}
     for c in args.concurrency:
-        t, u = by.get(("trivial", c, 0.0)), by.get(("upload", c, 0.0))
-        if t and u:
+        tr, fo, up = by.get(("trivial", c, 0.0)), by.get(("form", c, 0.0)), by.get(("upload", c, 0.0))
+        if tr and up:
             print(
-                f"c={c}: upload p50 {u['p50_ms']:.1f} ms = {u['p50_ms'] / t['p50_ms']:.2f}x the trivial handler's "
-                f"{t['p50_ms']:.1f} ms; {u['rps']:.1f} req/s = {u['rps'] / t['rps']:.2f}x its {t['rps']:.1f}"
+                f"c={c}: upload p50 {up['p50_ms']:.1f} ms = {up['p50_ms'] / tr['p50_ms']:.2f}x the trivial handler's "
+                f"{tr['p50_ms']:.1f} ms; {up['rps']:.1f} req/s = {up['rps'] / tr['rps']:.2f}x its {tr['rps']:.1f}"
+            )
+        if tr and fo and up:
+            print(
+                f"c={c}: upload p50 = {up['p50_ms'] / fo['p50_ms']:.2f}x the form-parsing ingress's "
+                f"{fo['p50_ms']:.1f} ms "
+                f"(which is {fo['p50_ms'] / tr['p50_ms']:.2f}x the trivial handler's); "
+                f"{up['rps'] / fo['rps']:.2f}x its req/s"
             )
     if args.json:
         Path(args.json).write_text(json.dumps(meta, indent=1))
