@@ -25,8 +25,10 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from fastapi import FastAPI, File, Form, UploadFile  # module level: the peer's annotations must resolve here
 
 
 def build_table(uri: str, rows: int) -> tuple[list[str], float]:
@@ -131,6 +133,8 @@ async def load(url: str, mode: str, concurrency: int, seconds: float, pngs: list
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+    if not lat:
+        raise SystemExit(f"bench: every {mode} request failed ({errors} errors) at {url}")
     ms = np.asarray(lat) * 1e3
 
     def mean(key: str) -> float:
@@ -165,17 +169,13 @@ def deploy_trivial() -> None:
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    @serve.deployment(max_ongoing_requests=256)
+    @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
     class Trivial:
         async def __call__(self, request: Request) -> JSONResponse:
             await request.body()
             return JSONResponse({"results": [], "timings_ms": {"total": 0.0}})
 
     serve.run(Trivial.bind(), name="trivial", route_prefix="/trivial")
-
-    from typing import Annotated
-
-    from fastapi import FastAPI, File, Form, UploadFile
 
     form_app = FastAPI()
 
@@ -184,7 +184,7 @@ def deploy_trivial() -> None:
         await file.read()
         return {"results": [], "timings_ms": {"total": 0.0}}
 
-    @serve.deployment(max_ongoing_requests=256)
+    @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})  # the peers fit beside medret
     @serve.ingress(form_app)
     class TrivialForm:
         pass
