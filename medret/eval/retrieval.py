@@ -93,11 +93,16 @@ def leave_one_out_map(
     """Strict mAP@k of ``n_queries`` items drawn at random (seeded) against all the others (a cheap validation score).
 
     Drawn, not the first ones: a benchmark part is ordered by organ and class, so its first items
-    would be the first classes of the first organs only.
+    would be the first classes of the first organs only. Ties are broken as the benchmark breaks
+    them, in a fixed label-independent order (the part permuted by ``default_rng(GALLERY_SEED)``),
+    not by the part's class order, which would favour the first classes and make an epoch whose
+    codes collapse whole classes together look better than it is.
     """
     n_queries = min(n_queries, len(codes))
     if n_queries == 0:
         return 0.0
+    perm = gallery_permutation(len(codes))
+    codes, labels = codes[perm], labels[perm]
     queries = np.sort(np.random.default_rng(seed).choice(len(codes), n_queries, replace=False))
     ranked = hamming_rank(codes[queries], codes, k + 1)
     r = np.array([row[row != i][:k] for i, row in zip(queries, ranked, strict=True)])
