@@ -61,9 +61,9 @@ class Encoders:
                     tried.append(f"{spec}: {err}")
                     continue
                 if candidate.config.encoder_id == idx.encoder_id:
-                    self._loaded[idx.encoder_id] = self._for_queries(candidate)
+                    enc = self._loaded[idx.encoder_id] = self._for_queries(candidate)
                     obs.ENCODER_LOADED.labels(encoder_id=idx.encoder_id).set(1)
-                    return candidate
+                    return enc
                 tried.append(f"{spec}: is encoder {candidate.config.encoder_id}")
             raise EncoderMismatchError(
                 f"table {idx.name!r} holds codes of encoder {idx.encoder_id}, and no checkpoint of it is reachable "
