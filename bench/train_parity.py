@@ -102,6 +102,7 @@ def main() -> None:
         "epochs": args.epochs,
         "num_workers": args.workers,
         "organ_balance": 0.0,  # the archive path keeps the natural mix; so does this one
+        "channels": 1,  # the archive's PNGs are grey; the .npz path would keep RetinaMNIST's colour
         "storage_path": str(tmp / "runs"),
     }
     results: dict[str, Any] = {"command": " ".join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d")}

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.source:
         split, results = _on_archive(args)
     else:
-        split = load_split(args.data, args.gallery_order)
+        split = load_split(args.data, args.gallery_order, _channels(args.encoders))
         results = compare_encoders(args.encoders, split, rerank=args.rerank)
     if args.order_spread > 0:
         for r in results:
@@ -79,6 +79,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(text(public), end="")
     return 0
+
+
+def _channels(specs: list[str]) -> int:
+    """3 (RGB) when any encoder takes colour, so that it sees the images in colour; grey encoders get
+    the same luma from it as from a grey split."""
+    from medret.models.encoder import checkpoint_config
+    from medret.models.pretrained import encoder_path
+
+    colour = [s for s in specs if not s.startswith("pca-itq") and checkpoint_config(encoder_path(s)).channels == 3]
+    return 3 if colour else 1
 
 
 def _on_archive(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]]:

@@ -19,9 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser, source_help="train on an archive: s3://bucket/prefix or a folder, read like 'medret index' reads it"
     )
     parser.add_argument("--preset", help="start from a modality preset: xray, histology, mri, medmnist")
-    parser.add_argument("--epochs", type=int, help="epochs (default: the method's own)")
-    parser.add_argument("--batch-size", type=int, help="global batch size (default: the method's own)")
-    parser.add_argument("--lr", type=float, help="learning rate (default: the method's own)")
+    parser.add_argument("--epochs", type=int, help="epochs (default: sized to the data, see docs/results.md)")
+    parser.add_argument("--batch-size", type=int, help="global batch size (default: sized to the data)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the method's, scaled to the batch)")
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        default=None,
+        help="after choosing the epoch count on val, train again on train + val and export that (.npz data)",
+    )
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (default: 2)")
     parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, mixed precision")
     parser.add_argument("--cpus-per-worker", type=float, help="CPUs each worker requests (default: a fair share)")
@@ -52,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "refit": args.refit,
         "num_workers": args.num_workers,
         "use_gpu": args.use_gpu,
         "cpus_per_worker": args.cpus_per_worker,
@@ -68,6 +75,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     data = cfg.source or ", ".join(cfg.data)
     print(f"trained {cfg.method} at {cfg.bits} bits on {data} in {report.seconds:.0f} s ({report.hardware})")
+    if report.auto:
+        print(f"  sized for its data: {report.auto}")
+    if report.refit:
+        chosen = report.refit["chosen_on_val"]
+        print(
+            f"  refit: epoch {chosen['best_epoch']} was best on val (mAP@100 {chosen['val_map100']:.4f}); "
+            f"then trained {report.refit['epochs']} epochs on train + val in {report.refit['seconds']:.0f} s"
+        )
     for h in report.history:
         mark = " *" if int(h["epoch"]) == report.best_epoch else ""
         print(

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from medret.config import data_root
 from medret.errors import DataError
-from medret.io.medmnist import read_medmnist, to_grey
+from medret.io.medmnist import read_medmnist, to_channels
 
 MEDMNIST4 = (
     ("breast", "breastmnist"),
@@ -55,7 +55,7 @@ def split_indices(labels: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.int
 class Part:
     """One part of the benchmark: images with organ and class labels, in benchmark order."""
 
-    images: npt.NDArray[np.uint8]  # (N, H, W) grey
+    images: npt.NDArray[np.uint8]  # (N, H, W) grey or (N, H, W, 3) RGB
     organ: npt.NDArray[np.int64]  # index into RetrievalSplit.organs
     label: npt.NDArray[np.int64]  # class within the organ
     source: npt.NDArray[np.int64]  # index of the image in its file (train, val, test concatenated)
@@ -96,15 +96,18 @@ def with_gallery_order(split: RetrievalSplit, order: str = "shuffled", seed: int
     return split.reordered("gallery", gallery_permutation(len(split["gallery"]), seed))
 
 
-def build_split(files: Sequence[tuple[str, str | os.PathLike[str]]], gallery_order: str = "shuffled") -> RetrievalSplit:
-    """Split ``(organ, path)`` files; images become grey (RGB via BT.601 luma); the gallery in ``gallery_order``."""
+def build_split(
+    files: Sequence[tuple[str, str | os.PathLike[str]]], gallery_order: str = "shuffled", channels: int = 1
+) -> RetrievalSplit:
+    """Split ``(organ, path)`` files; the gallery in ``gallery_order``. Images become grey (RGB via BT.601
+    luma) with ``channels=1``, RGB (grey files repeated in each channel) with ``channels=3``."""
     split = RetrievalSplit(organs=[o for o, _ in files])
     chunks: dict[str, list[Part]] = {p: [] for p in PARTS}
     for oi, (_, path) in enumerate(files):
         ds = read_medmnist(path)
-        grey = to_grey(ds.images)
+        images = to_channels(ds.images, channels)
         for part, idx in split_indices(ds.labels).items():
-            chunks[part].append(Part(grey[idx], np.full(len(idx), oi), ds.labels[idx], idx))
+            chunks[part].append(Part(images[idx], np.full(len(idx), oi), ds.labels[idx], idx))
     shapes = {c.images.shape[1:] for cs in chunks.values() for c in cs}
     if len(shapes) > 1:
         raise DataError(f"files have different image sizes {sorted(shapes)}; use files of one size")
@@ -118,15 +121,19 @@ def build_split(files: Sequence[tuple[str, str | os.PathLike[str]]], gallery_ord
     return with_gallery_order(split, gallery_order)
 
 
-def medmnist4(root: str | os.PathLike[str] | None = None, gallery_order: str = "shuffled") -> RetrievalSplit:
+def medmnist4(
+    root: str | os.PathLike[str] | None = None, gallery_order: str = "shuffled", channels: int = 1
+) -> RetrievalSplit:
     base = Path(root) if root is not None else data_root() / "medmnist"
     files = [(organ, base / f"{stem}.npz") for organ, stem in MEDMNIST4]
     missing = [str(p) for _, p in files if not p.is_file()]
     if missing:
         raise DataError(f"medmnist-4 needs {missing}; set MEDRET_DATA to a folder holding medmnist/*.npz")
-    return build_split(files, gallery_order)
+    return build_split(files, gallery_order, channels)
 
 
-def split_from_files(paths: Sequence[str | os.PathLike[str]], gallery_order: str = "shuffled") -> RetrievalSplit:
+def split_from_files(
+    paths: Sequence[str | os.PathLike[str]], gallery_order: str = "shuffled", channels: int = 1
+) -> RetrievalSplit:
     """A user's own MedMNIST-layout files; each becomes an organ named after the file."""
-    return build_split([(Path(p).stem, p) for p in paths], gallery_order)
+    return build_split([(Path(p).stem, p) for p in paths], gallery_order, channels)

@@ -11,6 +11,7 @@ from typing import Any
 
 from medret.eval.benchmarks import RetrievalSplit
 from medret.eval.retrieval import evaluate_encoder
+from medret.io.medmnist import to_grey
 from medret.models.encoder import Encoder
 
 
@@ -24,7 +25,7 @@ def compare_encoders(specs: Sequence[str], split: RetrievalSplit, *, rerank: boo
     seen: Counter[str] = Counter()
     for spec in specs:
         t0 = time.perf_counter()
-        encoder = resolve_encoder(spec, split["train"].images)
+        encoder = resolve_encoder(spec, to_grey(split["train"].images))  # PCA-ITQ: the grey baseline
         fit_s = time.perf_counter() - t0
         # classifier + hash layer retrieves in two stages by definition: report both rankings
         res = evaluate_encoder(encoder, split, rerank=rerank or encoder.config.method == "clshash")

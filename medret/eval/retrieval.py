@@ -11,6 +11,7 @@ import numpy.typing as npt
 from medret.eval.benchmarks import GALLERY_SEED, RetrievalSplit, gallery_permutation
 from medret.eval.metrics import average_precision_at_k, retrieval_metrics
 from medret.index.search import topk
+from medret.io.medmnist import to_channels
 from medret.models.encoder import Encoder
 
 
@@ -38,9 +39,11 @@ def evaluate_encoder(
     encoder: Encoder, split: RetrievalSplit, *, ks: tuple[int, ...] = (10, 100, 1000), rerank: bool = False
 ) -> dict[str, Any]:
     """Metrics of ``encoder`` on the split's gallery and queries; ``rerank`` adds the two-stage ranking."""
+    # a split is grey or RGB; each encoder gets the channels it takes (RGB -> grey is the split's own luma)
+    gallery, query = (to_channels(split[p].images, encoder.config.channels) for p in ("gallery", "query"))
     t0 = time.perf_counter()
-    g_codes = encoder.encode(split["gallery"].images)
-    q_codes = encoder.encode(split["query"].images)
+    g_codes = encoder.encode(gallery)
+    q_codes = encoder.encode(query)
     t_encode = time.perf_counter() - t0
     t0 = time.perf_counter()
     ranked = hamming_rank(q_codes, g_codes, max(ks))
@@ -57,8 +60,8 @@ def evaluate_encoder(
     if rerank:
         from medret.methods.clshash import rerank as rerank_fn
 
-        gf = encoder.forward_features(split["gallery"].images)
-        qf = encoder.forward_features(split["query"].images)
+        gf = encoder.forward_features(gallery)
+        qf = encoder.forward_features(query)
         reranked = rerank_fn(q_codes, g_codes, qf, gf, k=max(ks), candidates=max(ks))
         out["reranked"] = score(reranked, split, ks)
     return out

@@ -76,3 +76,19 @@ def to_grey(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         return images
     luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return np.clip(np.rint(luma), 0, 255).astype(np.uint8)
+
+
+def to_channels(images: npt.NDArray[np.uint8], channels: int) -> npt.NDArray[np.uint8]:
+    """``images`` (N, H, W) or (N, H, W, 3) as ``channels`` 1 (grey, :func:`to_grey`) or 3 (RGB, grey
+    repeated in each channel); images that already have them pass through unchanged.
+
+    >>> to_channels(np.full((1, 2, 2), 7, np.uint8), 3).shape
+    (1, 2, 2, 3)
+    >>> int(to_channels(np.full((1, 2, 2, 3), 7, np.uint8), 1)[0, 0, 0])
+    7
+    """
+    if channels == 1:
+        return to_grey(images)
+    if channels != 3:
+        raise DataError(f"images can be made 1 (grey) or 3 (RGB) channels, not {channels}")
+    return images if images.ndim == 4 else np.repeat(images[..., None], 3, axis=3)

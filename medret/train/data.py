@@ -17,11 +17,12 @@ from medret.models.augment import augment
 __all__ = ["augment"]  # re-exported: it lives with the models so that methods (a lower floor) may use it
 
 
-def load_split(data: Sequence[str], gallery_order: str = "shuffled") -> RetrievalSplit:
-    """``["medmnist-4"]`` or a list of MedMNIST-layout ``.npz`` paths, the gallery in ``gallery_order``."""
+def load_split(data: Sequence[str], gallery_order: str = "shuffled", channels: int = 1) -> RetrievalSplit:
+    """``["medmnist-4"]`` or a list of MedMNIST-layout ``.npz`` paths, the gallery in ``gallery_order``,
+    images grey (``channels=1``) or RGB (3)."""
     if list(data) == ["medmnist-4"]:
-        return medmnist4(gallery_order=gallery_order)
-    return split_from_files(list(data), gallery_order)
+        return medmnist4(gallery_order=gallery_order, channels=channels)
+    return split_from_files(list(data), gallery_order, channels)
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,13 @@ def _info(
 class MemoryFeed:
     """medmnist-4 or MedMNIST-layout ``.npz`` files, loaded whole; organ-balanced sampling."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, *, with_val: bool = False) -> None:
         self.cfg = cfg
-        self.split = load_split(cfg.data)
+        self.split = load_split(cfg.data, channels=cfg.channels or 1)
+        if with_val:  # a refit: the val part is trained on too (and no longer chooses anything)
+            t, v = self.split["train"], self.split["val"]
+            fields = ("images", "organ", "label", "source")
+            self.split.parts["train"] = Part(*(np.concatenate([getattr(t, f), getattr(v, f)]) for f in fields))
         self.labels = Labels.of(self.split)
         self.organs = self.split.organs
         self.n_train = len(self.split["train"])
@@ -131,5 +135,5 @@ class ArchiveFeed:
         return read_part(self.archive, "train", self.cfg, limit=n).images
 
 
-def open_feed(cfg: TrainConfig, archive_json: str | None) -> Feed:
-    return ArchiveFeed(cfg, archive_json) if archive_json else MemoryFeed(cfg)
+def open_feed(cfg: TrainConfig, archive_json: str | None, *, with_val: bool = False) -> Feed:
+    return ArchiveFeed(cfg, archive_json) if archive_json else MemoryFeed(cfg, with_val=with_val)

@@ -239,7 +239,7 @@ def setup(loop_config: dict[str, Any]) -> WorkerRun:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(loop_config.get("threads", 1)))
     seed_everything(cfg.seed)  # identical initial weights on every worker
-    feed = open_feed(cfg, loop_config.get("archive"))
+    feed = open_feed(cfg, loop_config.get("archive"), with_val=bool(loop_config.get("refit_epochs")))
     method = build_method(cfg, feed)
     b = budget(cfg, feed.n_train, world)
     state = restore(cfg, method, ray.train.get_checkpoint())
@@ -379,5 +379,7 @@ def report_epoch(run: WorkerRun, epoch: int, metrics: dict[str, Any]) -> None:
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: set up (or resume), then train, validate and checkpoint each epoch."""
     run = setup(loop_config)
-    for epoch in range(run.start_epoch, run.budget.epochs):
+    # a refit trains on the same schedule as the run that chose its length, and stops at that length
+    stop = min(run.budget.epochs, int(loop_config.get("refit_epochs") or run.budget.epochs))
+    for epoch in range(run.start_epoch, stop):
         report_epoch(run, epoch, train_epoch(run, epoch))

@@ -39,6 +39,8 @@ class TrainReport:
     history: list[dict[str, Any]]
     seconds: float
     hardware: str
+    auto: str = ""
+    refit: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         best = self.history[self.best_epoch] if self.history else {}
@@ -50,6 +52,8 @@ class TrainReport:
             "train_seconds": round(self.seconds, 1),
             "hardware": self.hardware,
             "samples_per_s": self.history[-1].get("samples_per_s_worker") if self.history else None,
+            **({"auto": self.auto} if self.auto else {}),
+            **({"refit": self.refit} if self.refit else {}),
         }
 
 
@@ -130,13 +134,16 @@ def output_dir(cfg: TrainConfig) -> Path:
     return output
 
 
-def stamp_provenance(path: Path, cfg: TrainConfig, metrics: dict[str, Any]) -> None:
-    """Record in the encoder's own config where it came from: data, command and metrics."""
+def stamp_provenance(path: Path, cfg: TrainConfig, metrics: dict[str, Any], auto: dict[str, Any] | None = None) -> None:
+    """Record in the encoder's own config where it came from: data, command, metrics and, where the run
+    sized itself (:mod:`medret.train.auto`), what it decided and why."""
     from medret.models.encoder import load_encoder
 
     encoder: Any = load_encoder(path)
     data = {"source": cfg.source, "labels": cfg.labels or cfg.label_tag or "sidecar"} if cfg.source else cfg.data
     record = {"data": data, "command": " ".join(["medret", *sys.argv[1:]]) if sys.argv else "", "metrics": metrics}
+    if auto:
+        record["auto"] = auto
     record["trained_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     encoder.config = encoder.config.model_copy(update={"extra": {**encoder.config.extra, "provenance": record}})
     encoder.save(path)
@@ -223,28 +230,56 @@ def prepare_source(cfg: TrainConfig) -> tuple[str | None, dict[str, Any] | None]
 
 
 def fit(cfg: TrainConfig) -> TrainReport:
-    """Train ``cfg`` through Ray Train and export the best epoch's encoder to ``output/encoder.npz``."""
+    """Train ``cfg`` through Ray Train and export the best epoch's encoder to ``output/encoder.npz``;
+    with ``refit``, train again on train + val for the chosen number of epochs and export that."""
+    from medret.train.auto import apply_auto
+
+    if cfg.method in TRAINING_FREE:
+        return fit_training_free(cfg)
+    cfg, auto = apply_auto(cfg)
+    if auto is not None:
+        log.info("sized for its data: %s", auto.why)
+    check_init(cfg)
+    if cfg.refit and cfg.source:
+        raise ConfigError("refit trains on train + val of .npz data; an archive's parts are not refitted yet")
+    if cfg.refit and cfg.label_free:
+        raise ConfigError(f"refit needs an epoch chosen on labelled validation; {cfg.method!r} trains without labels")
+    output = output_dir(cfg)
+    report = _run(cfg, output, auto)
+    if not cfg.refit:
+        return report
+    epochs = report.best_epoch + 1
+    log.info("refit: epoch %d was best on val; training %d epochs on train + val", report.best_epoch, epochs)
+    chosen = report.summary()
+    report = _run(cfg, output, auto, refit_epochs=epochs)
+    report.refit = {"chosen_on_val": chosen, "epochs": epochs, "seconds": round(report.seconds, 1)}
+    report.seconds += float(chosen["train_seconds"])
+    (output / "train.json").write_text(json.dumps(report.summary(), indent=1))
+    return report
+
+
+def _run(cfg: TrainConfig, output: Path, auto: Any, refit_epochs: int | None = None) -> TrainReport:
+    """One Ray Train run of ``cfg``, its chosen epoch exported to ``output``: the best on val, or with
+    ``refit_epochs`` (trained on train + val, a run of its own) the last of those epochs."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from medret.train.loop import ENCODER, META, train_loop
 
-    if cfg.method in TRAINING_FREE:
-        return fit_training_free(cfg)
-    check_init(cfg)
     ensure_ray()
     resources, threads = worker_resources(cfg, ray.cluster_resources())
     archive, datasets = prepare_source(cfg)
     fs, storage = arrow_filesystem(cfg.storage_path, cfg.s3)
-    output = output_dir(cfg)
+    name = cfg.run_name() + ("-refit" if refit_epochs else "")
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "threads": threads, "archive": archive}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "threads": threads, "archive": archive},
+        train_loop_config={**loop_config, "refit_epochs": refit_epochs},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.run_name(),
+            name=name,
             storage_path=storage,
             storage_filesystem=fs if parse_uri(cfg.storage_path).is_s3 else None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -256,18 +291,22 @@ def fit(cfg: TrainConfig) -> TrainReport:
     seconds = time.perf_counter() - t0
     if result.error:
         raise result.error
-    if cfg.label_free:  # choosing an epoch by labelled validation would use labels: the last one stands
+    if cfg.label_free or refit_epochs:  # labelled validation cannot choose (no labels; or val was trained on)
         best = max(result.best_checkpoints or [], key=lambda cm: cm[1]["epoch"])
     else:
         best = max(result.best_checkpoints or [], key=lambda cm: (cm[1].get("val_map100", -1.0), cm[1]["epoch"]))
     with best[0].as_directory() as d:
         shutil.copy(Path(d) / ENCODER, output / ENCODER)
-    metrics = {"best_epoch": int(best[1]["epoch"]), "val_map100": best[1].get("val_map100")}
-    stamp_provenance(output / ENCODER, cfg, metrics)
+    metrics: dict[str, Any] = {"best_epoch": int(best[1]["epoch"]), "val_map100": best[1].get("val_map100")}
+    if refit_epochs:
+        metrics = {"refit_epochs": refit_epochs, "trained_on": "train+val"}
+    stamp_provenance(output / ENCODER, cfg, metrics, auto.record() if auto else None)
     latest = max(result.best_checkpoints or [], key=lambda cm: cm[1]["epoch"])
     with latest[0].as_directory() as d:
         all_history = json.loads((Path(d) / META).read_text())["history"]
-    report = TrainReport(output / ENCODER, output, int(best[1]["epoch"]), all_history, seconds, hardware(cfg))
-    (output / "history.json").write_text(json.dumps(all_history, indent=1))
+    report = TrainReport(
+        output / ENCODER, output, int(best[1]["epoch"]), all_history, seconds, hardware(cfg), auto.why if auto else ""
+    )
+    (output / ("history-refit.json" if refit_epochs else "history.json")).write_text(json.dumps(all_history, indent=1))
     (output / "train.json").write_text(json.dumps(report.summary(), indent=1))
     return report

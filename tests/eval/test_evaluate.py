@@ -173,3 +173,35 @@ def test_evaluate_reports_the_tie_order_spread_and_the_class_order_on_request(
     old = json.loads(capsys.readouterr().out)
     assert old["gallery_order"] == "class" and old["queries"] == out["queries"]
     assert old["results"][0]["hamming"]["micro"] != r["hamming"]["micro"]  # ties were decided by class
+
+
+def test_a_colour_split_scores_grey_and_colour_encoders_each_in_its_own_channels(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RetinaMNIST kept in RGB: a grey encoder sees exactly the grey split's images (the same luma),
+    a colour encoder the colour ones, and ``medret evaluate`` loads the split in colour when one needs it."""
+    from medret.models.encoder import EncoderConfig
+    from medret.models.hashnet import build_hashnet
+
+    retina = [str(data_dir / "medmnist" / "retinamnist.npz")]
+    grey, rgb = split_from_files(retina), split_from_files(retina, channels=3)
+    assert rgb["gallery"].images.shape[1:] == (28, 28, 3) and grey["gallery"].images.ndim == 3
+    default = resolve_encoder("default")
+    on_grey, on_rgb = evaluate_encoder(default, grey), evaluate_encoder(default, rgb)
+    assert np.array_equal(on_grey["codes"]["gallery"], on_rgb["codes"]["gallery"])
+    assert on_grey["hamming"] == on_rgb["hamming"]
+
+    config = EncoderConfig(
+        name="hashnet", architecture="resnet", bits=16, channels=3, method="default", mean=(0.5,) * 3, std=(0.25,) * 3
+    )
+    config = config.model_copy(update={"extra": {"arch": {"widths": [8, 16, 16, 16], "blocks": 1}}})
+    colour = TorchHashEncoder.from_module(build_hashnet(config), config)
+    colour.save(tmp_path / "colour.npz")
+    # a colour encoder sees the colour: the RGB image and its grey copy in each channel differ to it
+    feats = colour.forward_features(rgb["query"].images[:50])
+    as_grey = colour.forward_features(np.repeat(grey["query"].images[:50, ..., None], 3, axis=3))
+    assert np.abs(feats - as_grey).max() > 1e-3
+    assert main(["evaluate", str(tmp_path / "colour.npz"), "default", "--data", *retina, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in out["results"]] == ["default-16b", "default-48b"]
+    assert out["results"][1]["hamming"] == json.loads(json.dumps(on_grey["hamming"]))

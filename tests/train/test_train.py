@@ -57,7 +57,8 @@ def check_trained(report: Any, data_dir: Path, tmp_path: Path, method: str, epoc
     assert encoder.config.method == method and encoder.config.bits == 16
     assert encoder.config.extra["organs"] == ["breastmnist", "retinamnist"]
     assert encoder.config.extra["provenance"]["data"] == config(data_dir, tmp_path, method, 1).data
-    codes = encoder.encode(np.zeros((3, 28, 28), np.uint8))
+    assert encoder.config.channels == 3  # RetinaMNIST is RGB: a user's colour file trains in colour
+    codes = encoder.encode(np.zeros((3, 28, 28, 3), np.uint8))
     assert codes.shape == (3, 2) and codes.dtype == np.uint8
 
 
@@ -90,6 +91,28 @@ def test_the_default_trains_and_a_second_run_resumes_from_its_checkpoint_on_s3(
     assert [h["start_epoch"] for h in second.history[3:]] == [3]
     assert second.history[:3] == first.history  # history carried over, not retrained
     assert (tmp_path / "out" / "encoder.npz").is_file()
+
+
+def test_refit_trains_the_epochs_chosen_on_val_again_on_train_and_val(
+    ray_local: None, data_dir: Path, tmp_path: Path
+) -> None:
+    from medret.train.feeds import MemoryFeed
+
+    cfg = config(data_dir, tmp_path, "dnhn", epochs=2, refit=True)
+    plain, refit = MemoryFeed(cfg), MemoryFeed(cfg, with_val=True)
+    assert refit.n_train == plain.n_train + len(plain.split["val"])
+    report = fit(cfg)
+    assert report.refit is not None
+    chosen = report.refit["chosen_on_val"]["best_epoch"]
+    assert report.refit["epochs"] == chosen + 1
+    assert [h["epoch"] for h in report.history] == list(range(chosen + 1))  # the refit run stops there
+    run = tmp_path / "runs" / "dnhn-test"
+    assert len(json.loads((run / "history.json").read_text())) == 2
+    provenance = load_encoder(run / "encoder.npz").config.extra["provenance"]
+    assert provenance["metrics"] == {"refit_epochs": chosen + 1, "trained_on": "train+val"}
+    assert json.loads((run / "train.json").read_text())["refit"]["epochs"] == chosen + 1
+    with pytest.raises(ConfigError, match="trains without labels"):
+        fit(config(data_dir, tmp_path, "selfsup", epochs=1, refit=True))
 
 
 def test_requests_larger_than_the_cluster_fail_fast(ray_local: None, data_dir: Path, tmp_path: Path) -> None:
