@@ -44,10 +44,12 @@ class TrainReport:
 
     def summary(self) -> dict[str, Any]:
         best = self.history[self.best_epoch] if self.history else {}
+        # a refit trained on val: its own val score means nothing; the score that chose its length does
+        val = self.refit["chosen_on_val"]["val_map100"] if self.refit else best.get("val_map100")
         return {
             "encoder": str(self.encoder_path),
             "best_epoch": self.best_epoch,
-            "val_map100": best.get("val_map100"),
+            "val_map100": val,
             "epochs": len(self.history),
             "train_seconds": round(self.seconds, 1),
             "hardware": self.hardware,

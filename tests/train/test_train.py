@@ -110,7 +110,9 @@ def test_refit_trains_the_epochs_chosen_on_val_again_on_train_and_val(
     assert len(json.loads((run / "history.json").read_text())) == 2
     provenance = load_encoder(run / "encoder.npz").config.extra["provenance"]
     assert provenance["metrics"] == {"refit_epochs": chosen + 1, "trained_on": "train+val"}
-    assert json.loads((run / "train.json").read_text())["refit"]["epochs"] == chosen + 1
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["refit"]["epochs"] == chosen + 1
+    assert summary["val_map100"] == report.refit["chosen_on_val"]["val_map100"]  # not the refit's own, on seen data
     with pytest.raises(ConfigError, match="trains without labels"):
         fit(config(data_dir, tmp_path, "selfsup", epochs=1, refit=True))
 
