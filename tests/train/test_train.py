@@ -151,18 +151,23 @@ def test_killed_run_resumes_from_its_last_checkpoint(data_dir: Path, tmp_path: P
     cmd = [
         sys.executable, "-m", "medret.cli.main", "train", "--method", "dnhn", "--bits", "16",
         "--data", *small_data(data_dir), "--epochs", "40", "--batch-size", "32", "--num-workers", "2",
-        "--name", "killed", "--storage", str(storage), "--set", "max_steps=10", "--set", "samples_per_epoch=320",
+        "--name", "killed", "--storage", str(storage), "--set", "max_steps=60", "--set", "samples_per_epoch=1920",
         "--set", "val_queries=50", "--json",
     ]  # fmt: skip
+    # epochs of about a second: Ray rewrites its checkpoint snapshot in place (not atomically) at each
+    # checkpoint, and a kill that lands in that rewrite costs the resume; with 0.1 s epochs (a faster
+    # machine) the kill, at most 0.2 s after a registration, hit the next rewrite
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
     run_dir = storage / "killed"
-    while time.monotonic() < deadline and not registered_checkpoints(run_dir):
+    seen = 0
+    while time.monotonic() < deadline and not seen:
+        seen = registered_checkpoints(run_dir)
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert registered_checkpoints(run_dir), "no checkpoint registered before the deadline"
+    assert seen, "no checkpoint registered before the deadline"
     done = len(list(run_dir.glob("checkpoint_*/meta.json")))
     cmd[cmd.index("40")] = str(done + 1)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
