@@ -31,8 +31,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
-import numpy as np
-
 #: the training part the methods' defaults were tuned on (medmnist-4, 60% of each class)
 TUNED_TRAIN = 39_737
 MIN_BATCH = 32
@@ -113,7 +111,7 @@ def auto_recipe(
 def data_shape(data: Sequence[str]) -> DataShape:
     """The training-part size and colour of ``data`` (``["medmnist-4"]`` or ``.npz`` paths), as the split cuts it."""
     from medret.config import data_root
-    from medret.eval.benchmarks import MEDMNIST4
+    from medret.eval.benchmarks import MEDMNIST4, split_indices
     from medret.io.medmnist import read_medmnist
 
     benchmark = [data_root() / "medmnist" / f"{stem}.npz" for _, stem in MEDMNIST4]
@@ -121,8 +119,7 @@ def data_shape(data: Sequence[str]) -> DataShape:
     n_train, colour = 0, False
     for p in paths:
         ds = read_medmnist(p)
-        counts = np.bincount(ds.labels - ds.labels.min()) if len(ds.labels) else np.zeros(0, np.int64)
-        n_train += int(sum(math.floor(0.6 * int(c)) for c in counts))  # split_indices' cut, class by class
+        n_train += len(split_indices(ds.labels)["train"])  # the split's own cut, not a copy of it
         colour = colour or ds.images.ndim == 4
     return DataShape(n_train, len(paths), colour)
 

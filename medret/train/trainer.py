@@ -274,10 +274,14 @@ def _run(cfg: TrainConfig, output: Path, auto: Any, refit_epochs: int | None = N
     archive, datasets = prepare_source(cfg)
     fs, storage = arrow_filesystem(cfg.storage_path, cfg.s3)
     name = cfg.run_name() + ("-refit" if refit_epochs else "")
-    loop_config = {"cfg": cfg.model_dump(mode="json"), "threads": threads, "archive": archive}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**loop_config, "refit_epochs": refit_epochs},
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "threads": threads,
+            "archive": archive,
+            "refit_epochs": refit_epochs,
+        },
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
