@@ -113,30 +113,33 @@ def _finish(buf_i, buf_d, nb, k, out_i, out_d):  # type: ignore[no-untyped-def]
         out_d[r] = -1
 
 
-@numba.njit(nogil=True, parallel=True, cache=True)
-def _knn(cols, qs, k, block, group, out_i, out_d):  # type: ignore[no-untyped-def]
+@numba.njit(nogil=True, cache=True)
+def _knn_group(cols, qs, k, block, q0, q1, out_i, out_d):  # type: ignore[no-untyped-def]
+    # queries q0 .. q1 together, block by block of the database (each block read once for the group)
     n = cols.shape[1]
-    m = qs.shape[0]
     maxd = cols.shape[0] * 64
     cap = max(2 * k, 256)
-    ngroups = (m + group - 1) // group
-    for g in numba.prange(ngroups):
-        q0 = g * group
-        q1 = min(m, q0 + group)
-        gq = q1 - q0
-        hist = np.zeros((gq, maxd + 2), np.int64)
-        st = np.zeros((gq, 3), np.int64)
-        buf_i = np.empty((gq, cap), np.int64)
-        buf_d = np.empty((gq, cap), np.int32)
-        dist = np.empty(CHUNK, np.uint16)
+    gq = q1 - q0
+    hist = np.zeros((gq, maxd + 2), np.int64)
+    st = np.zeros((gq, 3), np.int64)
+    buf_i = np.empty((gq, cap), np.int64)
+    buf_d = np.empty((gq, cap), np.int32)
+    dist = np.empty(CHUNK, np.uint16)
+    for a in range(gq):
+        st[a, 0] = maxd + 1
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
         for a in range(gq):
-            st[a, 0] = maxd + 1
-        for lo in range(0, n, block):
-            hi = min(n, lo + block)
-            for a in range(gq):
-                _scan(cols, lo, hi, qs[q0 + a], k, hist[a], st[a], buf_i[a], buf_d[a], dist)
-        for a in range(gq):
-            _finish(buf_i[a], buf_d[a], st[a, 2], k, out_i[q0 + a], out_d[q0 + a])
+            _scan(cols, lo, hi, qs[q0 + a], k, hist[a], st[a], buf_i[a], buf_d[a], dist)
+    for a in range(gq):
+        _finish(buf_i[a], buf_d[a], st[a, 2], k, out_i[q0 + a], out_d[q0 + a])
+
+
+@numba.njit(nogil=True, parallel=True, cache=True)
+def _knn(cols, qs, k, block, group, out_i, out_d):  # type: ignore[no-untyped-def]
+    m = qs.shape[0]
+    for g in numba.prange((m + group - 1) // group):
+        _knn_group(cols, qs, k, block, g * group, min(m, (g + 1) * group), out_i, out_d)
 
 
 def to_columns(codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
@@ -162,8 +165,13 @@ def topk_columns(
     m = queries.shape[0]
     out_i = np.empty((m, k), np.int64)
     out_d = np.empty((m, k), np.int32)
-    if m:
-        _knn(np.ascontiguousarray(cols), np.ascontiguousarray(queries), k, BLOCK_ROWS, QUERY_GROUP, out_i, out_d)
+    cols, queries = np.ascontiguousarray(cols), np.ascontiguousarray(queries)
+    if m <= QUERY_GROUP or numba.get_num_threads() == 1:
+        # one group: called directly, not through the thread pool, whose threads would then spin idle on
+        # another core (OpenMP's wait policy) while the service's other threads need it
+        _knn_group(cols, queries, k, BLOCK_ROWS, 0, m, out_i, out_d)
+    else:
+        _knn(cols, queries, k, BLOCK_ROWS, QUERY_GROUP, out_i, out_d)
     return out_i, out_d
 
 

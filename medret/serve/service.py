@@ -2,7 +2,9 @@
 
 Uploads are decoded and searched in worker threads; encoding goes through ``serve.batch``,
 so concurrent queries share one model call while a lone query does not wait for company
-(``batch_wait_s`` 0).
+(``batch_wait_s`` 0). A cheap upload that finds the model idle skips the queue altogether:
+:meth:`Service.answer` decodes, encodes and searches it in one worker-thread call, since each
+hop between the event loop and a thread costs about as much as the search itself.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,18 @@ from medret.index.store import CodeIndex
 from medret.serve.config import ServiceConfig
 from medret.serve.engine import QueryEngine
 from medret.serve.uploads import Query
+
+
+@dataclass
+class Answer:
+    """An upload answered: its table, the prepared query, its code, the hits and the seconds each stage took."""
+
+    idx: CodeIndex
+    query: Query
+    code: npt.NDArray[np.uint8]
+    reranked: bool
+    rows: list[dict[str, Any]]
+    timings: dict[str, float]  # seconds: prepare, encode, search
 
 
 class Service:
@@ -42,6 +57,7 @@ class Service:
             cfg.heavy_workers, thread_name_prefix="medret-heavy", initializer=_limit_itk, initargs=(cfg.heavy_workers,)
         )
         self._heavy_admitted = 0
+        self._encoding = 0  # queries between their code being asked for and given (the event loop counts them)
         # the model gets a thread of its own: behind decoding and searching in the shared pool, a batch
         # would wait for a free thread while new queries pile up elsewhere instead of in the batch queue
         self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="medret-encode")
@@ -108,6 +124,46 @@ class Service:
         idx = await asyncio.to_thread(self.engine.route, table, data, name, kind)
         return idx, await self.prepare(idx, data, name, kind, slice, mpp)
 
+    async def answer(
+        self,
+        table: str | None,
+        data: bytes,
+        name: str,
+        *,
+        kind: str,
+        slice: int | None,
+        mpp: float | None,
+        k: int,
+        filters: Mapping[str, Any],
+        rerank: bool,
+    ) -> Answer:
+        """An upload's top-``k``: routed, prepared, encoded and searched.
+
+        A cheap upload that finds the model idle is answered in one call on a worker thread (it encodes
+        by itself, as it would alone in a batch). Otherwise the stages take their own paths: volumes
+        are prepared on the bounded pool, and the code comes through the batch queue, so queries that
+        arrive together share model calls.
+        """
+        if self._encoding == 0 and not self.engine.is_heavy(data, name, kind):
+            self._encoding += 1  # queries arriving meanwhile queue for the batch, which the model thread runs
+            try:
+                return await asyncio.to_thread(
+                    _answer_alone, self.engine, table, data, name, kind, slice, mpp, k, filters, rerank
+                )
+            finally:
+                self._encoding -= 1
+        idx, q = await self.route_and_prepare(table, data, name, kind, slice, mpp)
+        t0 = time.perf_counter()
+        code, feature = await self.encode(idx, q.image)
+        t1 = time.perf_counter()
+        feature = feature if rerank else None
+        rows = await asyncio.to_thread(self.engine.search, idx, code, k, filters=filters, features=feature)
+        t2 = time.perf_counter()
+        reranked = self.engine.reranks(idx, feature is not None)
+        return Answer(
+            idx, q, code, reranked, rows, {"prepare": q.timings["prepare"], "encode": t1 - t0, "search": t2 - t1}
+        )
+
     async def similar_slides(self, table: str | None, slide: str, k: int, method: str) -> tuple[CodeIndex, Any]:
         """Slides like an indexed slide (cheap), else like the slide at that URI under the roots (read, tiled
         and encoded on the bounded pool, like a volume)."""
@@ -146,7 +202,11 @@ class Service:
     ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int8] | None]:
         """The upload's packed code and (where its table keeps them) compact features, through the batch
         queue inside a Serve replica."""
-        result = await self.encode_batched((idx, image))
+        self._encoding += 1
+        try:
+            result = await self.encode_batched((idx, image))
+        finally:
+            self._encoding -= 1
         if isinstance(result, BaseException):
             raise result
         code, feature = result
@@ -176,6 +236,38 @@ def _route_and_prepare(
 ) -> tuple[CodeIndex, Query]:
     idx = engine.route(table, data, name, kind)
     return idx, _prepare(engine, idx, data, name, kind, slice, mpp)
+
+
+def _answer_alone(
+    engine: QueryEngine,
+    table: str | None,
+    data: bytes,
+    name: str,
+    kind: str,
+    slice: int | None,
+    mpp: float | None,
+    k: int,
+    filters: Mapping[str, Any],
+    rerank: bool,
+) -> Answer:
+    idx, q = _route_and_prepare(engine, table, data, name, kind, slice, mpp)
+    obs.QUERY_BATCH_SIZE.observe(1)
+    t0 = time.perf_counter()
+    codes, feats = engine.encode_features(idx, [q.image])
+    t1 = time.perf_counter()
+    obs.QUERY_MODEL_SECONDS.observe(t1 - t0)
+    feature = feats[0] if rerank and feats is not None else None
+    rows = engine.search(idx, codes[0], k, filters=filters, features=feature)
+    t2 = time.perf_counter()
+    reranked = engine.reranks(idx, feature is not None)
+    return Answer(
+        idx,
+        q,
+        np.asarray(codes[0]),
+        reranked,
+        rows,
+        {"prepare": q.timings["prepare"], "encode": t1 - t0, "search": t2 - t1},
+    )
 
 
 def _prepare(

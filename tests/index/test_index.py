@@ -39,10 +39,14 @@ def test_kernel_matches_brute_force_with_ties(nbytes: int) -> None:
     db[1000:1300] = db[5]  # 300 exact duplicates: ties and buffer compaction
     queries = np.concatenate([db[:8], rng.integers(0, 256, (40, nbytes), dtype=np.uint8)])
     for k in (1, 10, 100, 500):
-        got_i, got_d = topk(db, queries, k)
+        got_i, got_d = topk(db, queries, k)  # groups of queries over numba's threads
         ref_i, ref_d = topk_reference(db, queries, k)
         np.testing.assert_array_equal(got_i, ref_i)
         np.testing.assert_array_equal(got_d, ref_d)
+        for a, b in ((0, 1), (6, 10), (20, 36)):  # one group: called directly, on the calling thread
+            got_i, got_d = topk(db, queries[a:b], k)
+            np.testing.assert_array_equal(got_i, ref_i[a:b])
+            np.testing.assert_array_equal(got_d, ref_d[a:b])
 
 
 def test_kernel_pads_when_k_exceeds_rows() -> None:

@@ -111,6 +111,48 @@ def test_an_indexed_png_finds_itself_first_and_neighbours_share_its_organ(api: T
         assert sum(h["metadata"].get("dataset") == organ for h in hits) >= 6, (organ, hits)
 
 
+def test_a_lone_upload_answered_in_one_hop_equals_one_through_the_batch_queue(indexed) -> None:
+    """A cheap upload that finds the model idle is decoded, encoded and searched in one worker-thread call;
+    with the model busy it takes the batch queue. Both give the same code, hits and re-ranking."""
+    import asyncio
+
+    service = Service(ServiceConfig(index=indexed["index"]))
+    queued = []
+    batched = service.encode_batched
+
+    async def counting(item: Any) -> Any:
+        queued.append(item)
+        return await batched(item)
+
+    service.encode_batched = counting
+    data = (indexed["src"] / "png" / "chest" / "003.png").read_bytes()
+
+    def ask(busy: int, rerank: bool) -> Any:
+        async def go() -> Any:
+            service._encoding = busy  # another query's code being made: this one queues for the batch
+            try:
+                return await service.answer(
+                    None, data, "q.png", kind="auto", slice=None, mpp=None, k=25, filters={}, rerank=rerank
+                )
+            finally:
+                service._encoding = 0
+
+        return asyncio.run(go())
+
+    for rerank in (True, False):
+        alone = ask(0, rerank)
+        assert not queued
+        together = ask(1, rerank)
+        assert len(queued) == 1
+        queued.clear()
+        assert bytes(alone.code) == bytes(together.code)
+        assert alone.reranked == together.reranked == rerank
+        assert [(r["item_id"], r["distance"]) for r in alone.rows] == [
+            (r["item_id"], r["distance"]) for r in together.rows
+        ]
+        assert set(alone.timings) == set(together.timings) == {"prepare", "encode", "search"}
+
+
 def assert_timings(timings: dict[str, float], parts: set[str]) -> None:
     """The stages the answer reports: all there, none negative, and together within the total (no wall-clock
     bound, which a loaded machine could break). Each is rounded to 1 µs, so the sum may pass it by that much."""

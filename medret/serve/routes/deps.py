@@ -10,8 +10,12 @@ from fastapi import Depends, Header, HTTPException, Request
 from medret.serve.service import Service
 
 
-def get_service(request: Request) -> Service:
-    """The service the app was built over (:func:`medret.serve.app.create_app` puts it in ``app.state``)."""
+async def get_service(request: Request) -> Service:
+    """The service the app was built over (:func:`medret.serve.app.create_app` puts it in ``app.state``).
+
+    The dependencies here are ``async`` though they never wait: FastAPI runs a plain ``def`` dependency
+    on a worker thread, a hop that cost a lean query more than its search (``docs/benchmarks.md``).
+    """
     service: Service = request.app.state.service
     return service
 
@@ -19,7 +23,7 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def require_token(service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_token(service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
     """401 unless the request carries the configured bearer token (none configured: anyone).
 
     :class:`~medret.serve.guard.RequestGuard` refuses such requests before their body is read;

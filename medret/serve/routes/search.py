@@ -105,26 +105,18 @@ async def search(
     rerank: Annotated[bool, Form(description=RERANK)] = True,
 ) -> SearchResponse:
     t0 = time.perf_counter()
-    cfg, engine = service.cfg, service.engine
+    cfg = service.cfg
     _check_k(k, cfg.max_k)
     chosen = parse_filters(modality, dataset, label, filters)
     data = await file.read(cfg.max_upload_bytes + 1)
     name = file.filename or "upload"
-    idx, q = await service.route_and_prepare(table, data, name, kind, slice, mpp)  # named, else by its kind
-    t1 = time.perf_counter()
-    code, feature = await service.encode(idx, q.image)
-    t2 = time.perf_counter()
-    feature = feature if rerank else None
-    rows = await asyncio.to_thread(engine.search, idx, code, k, filters=chosen, features=feature)
-    t3 = time.perf_counter()
-    timings = {
-        "prepare": q.timings["prepare"] * 1e3,
-        "encode": (t2 - t1) * 1e3,
-        "search": (t3 - t2) * 1e3,
-        "total": (t3 - t0) * 1e3,
-    }
+    # the table named, else one that serves the upload's kind
+    got = await service.answer(table, data, name, kind=kind, slice=slice, mpp=mpp, k=k, filters=chosen, rerank=rerank)
+    timings = {s: v * 1e3 for s, v in got.timings.items()}
+    timings["total"] = (time.perf_counter() - t0) * 1e3
     for stage, ms in timings.items():
         obs.QUERY_STAGE_SECONDS.labels(stage=stage).observe(ms / 1e3)
+    idx, q = got.idx, got.query
     return SearchResponse(
         table=idx.name,
         encoder_id=idx.encoder_id,
@@ -133,11 +125,11 @@ async def search(
             "filename": name,
             "kind": q.kind,
             "bytes": len(data),
-            "code": bytes(code).hex(),
-            "reranked": engine.reranks(idx, feature is not None),
+            "code": bytes(got.code).hex(),
+            "reranked": got.reranked,
             **q.meta,
         },
-        results=hits(idx.name, rows),
+        results=hits(idx.name, got.rows),
         timings_ms={s: round(v, 3) for s, v in timings.items()},
     )
 
@@ -157,8 +149,7 @@ async def similar(
     engine = service.engine
     _check_k(k, service.cfg.max_k)
     chosen = parse_filters(modality, dataset, label, filters)
-    idx = await asyncio.to_thread(engine.index, table)
-    rows = await asyncio.to_thread(engine.similar, idx.name, item_id, k, filters=chosen, rerank=rerank)
+    idx, rows = await asyncio.to_thread(_similar, engine, table, item_id, k, chosen, rerank)
     total = (time.perf_counter() - t0) * 1e3
     obs.QUERY_STAGE_SECONDS.labels(stage="search").observe(total / 1e3)
     return SearchResponse(
@@ -169,6 +160,13 @@ async def similar(
         results=hits(idx.name, rows),
         timings_ms={"search": round(total, 3), "total": round(total, 3)},
     )
+
+
+def _similar(
+    engine: Any, table: str | None, item_id: str, k: int, filters: dict[str, Any], rerank: bool
+) -> tuple[Any, list[dict[str, Any]]]:
+    idx = engine.index(table)  # one hop to a worker thread for both
+    return idx, engine.similar(idx.name, item_id, k, filters=filters, rerank=rerank)
 
 
 async def thumbnail(service: ServiceDep, item_id: str, table: str | None = None) -> Response:
