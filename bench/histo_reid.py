@@ -25,7 +25,9 @@ the very tile the query was made from). Rows: each encoder, then the baselines: 
 of 8x8x8 RGB histograms fitted on the gallery (the spec's baseline), the same with PCA and a
 random rotation only (the variant the spec's figures were measured with), the float histograms'
 Euclidean nearest neighbour (not a code; a reference), and seeded random 48-bit codes.
-``frozen-itq:BACKBONE`` fits its ITQ on the gallery tiles (unsupervised, no labels exist).
+``frozen-itq:BACKBONE`` fits its ITQ on the gallery tiles (unsupervised, no labels exist);
+``frozen-itq:BACKBONE+dihedral`` pools the backbone's features over the 8 rotations and mirror
+images of each tile first (``arch.dihedral``; 8 times the encoder's cost).
 Gallery size: 364 tiles with the default readers (OpenSlide first: TCGA 187, CMU 177);
 363 with ``--backends tiffslide`` (TCGA 186), the spec's count: the TCGA tile at level-0
 (1120, 2912) has a tissue fraction of 0.5016 by OpenSlide's decode and 0.4996 by tiffslide's
@@ -148,9 +150,14 @@ def frozen_coder(spec: str, gallery: np.ndarray) -> tuple[Coder, dict[str, Any]]
             f"which this checkout does not have ({err}); run without it"
         ) from err
     config = preset_config("histology", bits=BITS)
-    backbone = spec.partition(":")[2]
+    backbone, _, option = spec.partition(":")[2].partition("+")
     if backbone and backbone != config.architecture:
         config = config.model_copy(update={"architecture": backbone})
+    if option:
+        if option != "dihedral":
+            raise SystemExit(f"{spec}: the one option after '+' is 'dihedral', got {option!r}")
+        arch = {**config.extra["arch"], "dihedral": True}  # features pooled over the 8 rotations and mirrors
+        config = config.model_copy(update={"extra": {**config.extra, "arch": arch}})
     t0 = time.perf_counter()
     chunks = (reid.prepare_tiles(gallery[i : i + 64], config) for i in range(0, len(gallery), 64))
     encoder = fit_frozen_itq(config, chunks)

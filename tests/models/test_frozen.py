@@ -97,3 +97,31 @@ def test_onnx_export_gives_the_same_codes(fitted: TorchHashEncoder, chest: np.nd
     onnx_codes = OnnxEncoder(path).forward_code(chest[:8])
     torch_codes = fitted.forward_code(chest[:8])
     np.testing.assert_allclose(onnx_codes, torch_codes, atol=1e-3)
+
+
+def test_dihedral_pooling_gives_a_tile_and_its_rotations_and_mirror_images_one_code(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """``arch.dihedral``: features pooled over the 8 rotations and mirror images, so all 8 share a code, to the
+    bit, through torch, a saved and loaded checkpoint, and the ONNX Runtime twin the query service uses."""
+    from medret.models.onnx import CheckedOnnxEncoder
+
+    with np.load(data_dir / "medmnist" / "retinamnist.npz") as z:  # real colour images
+        images = z["train_images"][:24]
+    rgb = np.stack([np.asarray(Image.fromarray(im).resize((SIZE, SIZE), Image.BILINEAR)) for im in images])
+    config = preset_config("histology", bits=16, input_size=(SIZE, SIZE))
+    config = config.model_copy(update={"extra": {**config.extra, "arch": {**config.extra["arch"], "dihedral": True}}})
+    enc = fit_frozen_itq(config, [rgb])
+    assert enc.config.extra["arch"] == {"pretrained": False, "dihedral": True}
+    codes = enc.encode(rgb)
+    assert len({c.tobytes() for c in codes}) > 20, "different images still get different codes"
+    for turned in (np.rot90(rgb, 1, (1, 2)), np.rot90(rgb, 2, (1, 2)), rgb[:, :, ::-1], rgb.transpose(0, 2, 1, 3)):
+        np.testing.assert_array_equal(enc.encode(np.ascontiguousarray(turned)), codes)
+    enc.save(tmp_path / "encoder.npz")
+    np.testing.assert_array_equal(load_encoder(tmp_path / "encoder.npz").encode(rgb), codes)
+    np.testing.assert_array_equal(CheckedOnnxEncoder.of(enc).encode(rgb), codes)
+    plain = fit_frozen_itq(preset_config("histology", bits=16, input_size=(SIZE, SIZE)), [rgb])
+    assert not (plain.encode(np.ascontiguousarray(np.rot90(rgb, 1, (1, 2)))) == plain.encode(rgb)).all()
+    wide = config.model_copy(update={"input_size": (SIZE, SIZE + 8)})
+    with pytest.raises(ConfigError, match="square"):
+        fit_frozen_itq(wide, [rgb])

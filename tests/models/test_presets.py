@@ -48,3 +48,16 @@ def test_a_preset_is_a_valid_config_whose_network_runs(name: str) -> None:
 def test_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(UnknownNameError, match="unknown encoder preset 'ct'; known: histology, medmnist, mri, xray"):
         preset_config("ct")
+
+
+def test_a_runs_arch_options_go_on_top_of_its_presets() -> None:
+    """``--set arch.dihedral=true`` with ``--preset histology`` keeps the preset's pretrained weights."""
+    from medret.train.config import TrainConfig
+
+    data = ["medmnist-4"]
+    assert TrainConfig(preset="histology", data=data).arch == {"pretrained": True}
+    assert TrainConfig(preset="histology", data=data, arch={"dihedral": True}).arch == {
+        "pretrained": True,
+        "dihedral": True,
+    }
+    assert TrainConfig(preset="histology", data=data, arch={"pretrained": False}).arch == {"pretrained": False}
