@@ -153,8 +153,9 @@ def topk_columns(
     """Top-``k`` rows of the database ``cols`` (w, n) for ``queries`` (m, w), uint64 words.
 
     Returns ``(positions, distances)`` of shape (m, k), nearest first; where the
-    database has fewer than ``k`` rows the tail is ``-1``. Queries are spread over
-    numba's threads (``numba.set_num_threads`` caps them).
+    database has fewer than ``k`` rows the tail is ``-1``. More than ``QUERY_GROUP``
+    queries are spread over numba's threads in groups (``numba.set_num_threads`` caps
+    them); one group runs on the calling thread.
     """
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
@@ -166,7 +167,7 @@ def topk_columns(
     out_i = np.empty((m, k), np.int64)
     out_d = np.empty((m, k), np.int32)
     cols, queries = np.ascontiguousarray(cols), np.ascontiguousarray(queries)
-    if m <= QUERY_GROUP or numba.get_num_threads() == 1:
+    if m <= QUERY_GROUP:
         # one group: called directly, not through the thread pool, whose threads would then spin idle on
         # another core (OpenMP's wait policy) while the service's other threads need it
         _knn_group(cols, queries, k, BLOCK_ROWS, 0, m, out_i, out_d)

@@ -7,7 +7,7 @@
   file by path): in :mod:`medret.models.lite0`, imported on first use (see ``_LAZY``).
 
 Any of them takes ``dihedral=True`` (``arch.dihedral`` in a config): :class:`DihedralPool` then
-averages its features over the 8 rotations and mirror images of a square input, so a tile and its
+averages its features over the 8 rotations and mirror images of the input, so a tile and its
 rotated or mirrored copy get the same features, at 8 times the cost.
 """
 
@@ -164,12 +164,14 @@ def list_backbones() -> list[str]:
 
 
 class DihedralPool(nn.Module):
-    """``inner``'s features averaged over the 8 dihedral transforms of a square input.
+    """``inner``'s features averaged over the 8 dihedral transforms of the input.
 
     The 8 views (the input, its mirror images left-right and up-down, its 180 degree rotation, and the
     same four of its transpose) go through ``inner`` in turn. A rotated or mirrored input has the
     same 8 views in another order; the features are sorted over the views before they are averaged, so
-    the sum runs in the same order and the result is the same to the last bit.
+    the sum runs in the same order and the result is the same to the last bit. On a non-square input the
+    transposed views have the other shape (``inner`` pools globally, so it takes them); the features are
+    then invariant to the mirror images and the half turn, the transforms that keep the input's shape.
 
     >>> pool = DihedralPool(nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
     >>> x = torch.randn(2, 1, 9, 9)

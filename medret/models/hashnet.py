@@ -24,7 +24,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from medret.errors import ConfigError, DataError
+from medret.errors import DataError
 from medret.models.backbones import create_backbone
 from medret.models.codes import pack_bits
 from medret.models.encoder import ENCODERS, EncoderConfig, config_in
@@ -110,11 +110,6 @@ class HashNet(nn.Module):
 def build_hashnet(config: EncoderConfig) -> HashNet:
     """The module a config describes (random weights)."""
     arch = dict(config.extra.get("arch", {}))
-    if arch.get("dihedral") and config.input_size[0] != config.input_size[1]:
-        raise ConfigError(
-            f"arch.dihedral pools over rotations by 90 degrees, which need a square input; got input_size "
-            f"{tuple(config.input_size)}"
-        )
     backbone = create_backbone(config.architecture, config.channels, arch)
     return HashNet(
         backbone,

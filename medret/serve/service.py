@@ -57,9 +57,12 @@ class Service:
             cfg.heavy_workers, thread_name_prefix="medret-heavy", initializer=_limit_itk, initargs=(cfg.heavy_workers,)
         )
         self._heavy_admitted = 0
-        self._encoding = 0  # queries between their code being asked for and given (the event loop counts them)
-        # the model gets a thread of its own: behind decoding and searching in the shared pool, a batch
+        # queries being answered by the model: in the batch queue or a model call, or answered alone (decoded,
+        # encoded and searched in one worker-thread call); only the event loop changes it
+        self._encoding = 0
+        # batches get a thread of their own: behind decoding and searching in the shared pool, a batch
         # would wait for a free thread while new queries pile up elsewhere instead of in the batch queue
+        # (a query answered alone runs the model on its worker thread; the encoders are thread-safe)
         self._model = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="medret-encode")
         # serve.batch lives in a Serve replica; elsewhere (tests, a plain ASGI server) each query encodes alone
         self.encode_batched: Callable[[Any], Awaitable[Any]] = self._encode_one

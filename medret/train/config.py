@@ -153,8 +153,8 @@ class TrainConfig(Frozen):
             **{k: v for k, v in fixed.items() if data.get(k) is None},
             **{k: v for k, v in data.items() if v is not None},
         }
-        if isinstance(data.get("arch"), dict):  # the run's arch options on top of the preset's (its weights kept)
-            out["arch"] = {**p.arch, **data["arch"]}
+        if isinstance(data.get("arch"), dict) and data.get("architecture") in (None, p.architecture):
+            out["arch"] = {**p.arch, **data["arch"]}  # options on top of the preset's for its own backbone
         if "mpp" in p.recipe_args and "tiling" not in data:
             out["tiling"] = {"mpp": p.recipe_args["mpp"]}
         return out

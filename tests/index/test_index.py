@@ -53,6 +53,8 @@ def test_kernel_pads_when_k_exceeds_rows() -> None:
     db = np.array([[1], [3]], np.uint8)
     idx, dist = topk(db, np.array([[1]], np.uint8), 4)
     assert idx.tolist() == [[0, 1, -1, -1]] and dist.tolist() == [[0, 1, -1, -1]]
+    idx, dist = topk(db, np.zeros((0, 1), np.uint8), 4)  # no query: nothing scanned, nothing returned
+    assert idx.shape == dist.shape == (0, 4)
 
 
 def test_exact_search_equals_brute_force_on_100k(tmp_path: Path) -> None:

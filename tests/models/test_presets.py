@@ -61,3 +61,6 @@ def test_a_runs_arch_options_go_on_top_of_its_presets() -> None:
         "dihedral": True,
     }
     assert TrainConfig(preset="histology", data=data, arch={"pretrained": False}).arch == {"pretrained": False}
+    # another backbone takes the run's arch alone: the preset's options are for its own backbone
+    own = TrainConfig(preset="histology", data=data, architecture="resnet", arch={"blocks": 1})
+    assert (own.architecture, own.arch) == ("resnet", {"blocks": 1})
