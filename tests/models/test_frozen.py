@@ -123,7 +123,7 @@ def test_dihedral_pooling_gives_a_tile_and_its_rotations_and_mirror_images_one_c
     plain = fit_frozen_itq(preset_config("histology", bits=16, input_size=(SIZE, SIZE)), [rgb])
     assert not (plain.encode(np.ascontiguousarray(np.rot90(rgb, 1, (1, 2)))) == plain.encode(rgb)).all()
     # a non-square input: the mirror images and the half turn (the transforms that keep its shape) keep the code
-    wide = fit_frozen_itq(config.model_copy(update={"input_size": (SIZE, SIZE + 8)}), [rgb])
     rect = np.stack([np.asarray(Image.fromarray(im).resize((SIZE + 8, SIZE), Image.BILINEAR)) for im in images])
+    wide = fit_frozen_itq(config.model_copy(update={"input_size": (SIZE, SIZE + 8)}), [rect])
     for turned in (rect[:, ::-1], rect[:, :, ::-1], rect[:, ::-1, ::-1]):
         np.testing.assert_array_equal(wide.encode(np.ascontiguousarray(turned)), wide.encode(rect))
