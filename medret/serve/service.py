@@ -13,7 +13,7 @@ import asyncio
 import concurrent.futures
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,12 +21,29 @@ import numpy.typing as npt
 from ray import serve
 from ray.serve.context import _get_internal_replica_context
 
+from medret import kinds
 from medret import observability as obs
 from medret.errors import Busy, CorruptFileError, MedretError, NotFound
 from medret.index.store import CodeIndex
 from medret.serve.config import ServiceConfig
 from medret.serve.engine import QueryEngine
 from medret.serve.uploads import Query
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An upload to answer: its bytes and name, the table named (else one that serves its kind), the query mode,
+    the NIfTI level or DICOM frame, a tile's mpp, how many hits, the filters, and whether to re-rank."""
+
+    data: bytes
+    name: str
+    table: str | None = None
+    kind: str = kinds.AUTO_QUERY
+    slice: int | None = None
+    mpp: float | None = None
+    k: int = 10
+    filters: Mapping[str, Any] = field(default_factory=dict)
+    rerank: bool = True
 
 
 @dataclass
@@ -127,19 +144,7 @@ class Service:
         idx = await asyncio.to_thread(self.engine.route, table, data, name, kind)
         return idx, await self.prepare(idx, data, name, kind, slice, mpp)
 
-    async def answer(
-        self,
-        table: str | None,
-        data: bytes,
-        name: str,
-        *,
-        kind: str,
-        slice: int | None,
-        mpp: float | None,
-        k: int,
-        filters: Mapping[str, Any],
-        rerank: bool,
-    ) -> Answer:
+    async def answer(self, up: Upload) -> Answer:
         """An upload's top-``k``: routed, prepared, encoded and searched.
 
         A cheap upload that finds the model idle is answered in one call on a worker thread (it encodes
@@ -147,20 +152,18 @@ class Service:
         are prepared on the bounded pool, and the code comes through the batch queue, so queries that
         arrive together share model calls.
         """
-        if self._encoding == 0 and not self.engine.is_heavy(data, name, kind):
+        if self._encoding == 0 and not self.engine.is_heavy(up.data, up.name, up.kind):
             self._encoding += 1  # queries arriving meanwhile queue for the batch, which the model thread runs
             try:
-                return await asyncio.to_thread(
-                    _answer_alone, self.engine, table, data, name, kind, slice, mpp, k, filters, rerank
-                )
+                return await asyncio.to_thread(_answer_alone, self.engine, up)
             finally:
                 self._encoding -= 1
-        idx, q = await self.route_and_prepare(table, data, name, kind, slice, mpp)
+        idx, q = await self.route_and_prepare(up.table, up.data, up.name, up.kind, up.slice, up.mpp)
         t0 = time.perf_counter()
         code, feature = await self.encode(idx, q.image)
         t1 = time.perf_counter()
-        feature = feature if rerank else None
-        rows = await asyncio.to_thread(self.engine.search, idx, code, k, filters=filters, features=feature)
+        feature = feature if up.rerank else None
+        rows = await asyncio.to_thread(self.engine.search, idx, code, up.k, filters=up.filters, features=feature)
         t2 = time.perf_counter()
         reranked = self.engine.reranks(idx, feature is not None)
         return Answer(
@@ -241,26 +244,15 @@ def _route_and_prepare(
     return idx, _prepare(engine, idx, data, name, kind, slice, mpp)
 
 
-def _answer_alone(
-    engine: QueryEngine,
-    table: str | None,
-    data: bytes,
-    name: str,
-    kind: str,
-    slice: int | None,
-    mpp: float | None,
-    k: int,
-    filters: Mapping[str, Any],
-    rerank: bool,
-) -> Answer:
-    idx, q = _route_and_prepare(engine, table, data, name, kind, slice, mpp)
+def _answer_alone(engine: QueryEngine, up: Upload) -> Answer:
+    idx, q = _route_and_prepare(engine, up.table, up.data, up.name, up.kind, up.slice, up.mpp)
     obs.QUERY_BATCH_SIZE.observe(1)
     t0 = time.perf_counter()
     codes, feats = engine.encode_features(idx, [q.image])
     t1 = time.perf_counter()
     obs.QUERY_MODEL_SECONDS.observe(t1 - t0)
-    feature = feats[0] if rerank and feats is not None else None
-    rows = engine.search(idx, codes[0], k, filters=filters, features=feature)
+    feature = feats[0] if up.rerank and feats is not None else None
+    rows = engine.search(idx, codes[0], up.k, filters=up.filters, features=feature)
     t2 = time.perf_counter()
     reranked = engine.reranks(idx, feature is not None)
     return Answer(

@@ -29,7 +29,7 @@ from medret.pipelines.config import IndexJobConfig
 from medret.serve.app import create_app
 from medret.serve.config import ServiceConfig
 from medret.serve.engine import QueryEngine
-from medret.serve.service import Service
+from medret.serve.service import Service, Upload
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -131,9 +131,7 @@ def test_a_lone_upload_answered_in_one_hop_equals_one_through_the_batch_queue(in
         async def go() -> Any:
             service._encoding = busy  # another query's code being made: this one queues for the batch
             try:
-                return await service.answer(
-                    None, data, "q.png", kind="auto", slice=None, mpp=None, k=25, filters={}, rerank=rerank
-                )
+                return await service.answer(Upload(data, "q.png", k=25, rerank=rerank))
             finally:
                 service._encoding = 0
 

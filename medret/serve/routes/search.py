@@ -20,6 +20,7 @@ from medret.errors import ConfigError
 from medret.serve.routes.deps import AUTH, ServiceDep
 from medret.serve.routes.schemas import Hit, SearchResponse
 from medret.serve.search import where
+from medret.serve.service import Upload
 
 RERANK = (
     "re-rank the Hamming shortlist by the items' compact features where the table keeps them (hits then carry "
@@ -111,7 +112,7 @@ async def search(
     data = await file.read(cfg.max_upload_bytes + 1)
     name = file.filename or "upload"
     # the table named, else one that serves the upload's kind
-    got = await service.answer(table, data, name, kind=kind, slice=slice, mpp=mpp, k=k, filters=chosen, rerank=rerank)
+    got = await service.answer(Upload(data, name, table, kind, slice, mpp, k, chosen, rerank))
     timings = {s: v * 1e3 for s, v in got.timings.items()}
     timings["total"] = (time.perf_counter() - t0) * 1e3
     for stage, ms in timings.items():
