@@ -109,7 +109,8 @@ def hardware(cfg: TrainConfig) -> str:
 
 
 def check_init(cfg: TrainConfig) -> None:
-    """Refuse, before any worker starts, an ``init`` encoder made by another method, code length or backbone."""
+    """Refuse, before any worker starts, an ``init`` encoder made by another method, code length or backbone
+    (``arch.dihedral`` included)."""
     if not cfg.init:
         return
     from medret.models.encoder import load_encoder
@@ -117,8 +118,18 @@ def check_init(cfg: TrainConfig) -> None:
 
     path = encoder_path(cfg.init)
     have = load_encoder(path).config
-    want = {"method": cfg.method, "bits": cfg.bits, "architecture": cfg.resolved("architecture")}
-    got = {"method": have.method, "bits": have.bits, "architecture": have.architecture}
+    want = {
+        "method": cfg.method,
+        "bits": cfg.bits,
+        "architecture": cfg.resolved("architecture"),
+        "dihedral": bool((cfg.arch or {}).get("dihedral")),  # the pooled backbone's weights sit elsewhere
+    }
+    got = {
+        "method": have.method,
+        "bits": have.bits,
+        "architecture": have.architecture,
+        "dihedral": bool(have.extra.get("arch", {}).get("dihedral")),
+    }
     if got != want:
         raise ConfigError(f"init {cfg.init!r} ({path}) is {got}, but this run trains {want}")
 

@@ -188,5 +188,7 @@ def test_init_from_an_encoder_of_another_shape_is_refused_before_workers_start()
         check_init(TrainConfig(init="default", bits=32))
     with pytest.raises(ConfigError, match="'method': 'dnhn'"):
         check_init(TrainConfig(init="default", method="dnhn"))
+    with pytest.raises(ConfigError, match="'dihedral': False}, but this run trains .*'dihedral': True"):
+        check_init(TrainConfig(init="default", arch={"dihedral": True}))
     with pytest.raises(ConfigError, match="neither a file"):
         check_init(TrainConfig(init="/nonexistent/encoder.npz"))
