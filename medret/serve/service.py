@@ -161,14 +161,7 @@ class Service:
         idx, q = await self.route_and_prepare(up.table, up.data, up.name, up.kind, up.slice, up.mpp)
         t0 = time.perf_counter()
         code, feature = await self.encode(idx, q.image)
-        t1 = time.perf_counter()
-        feature = feature if up.rerank else None
-        rows = await asyncio.to_thread(self.engine.search, idx, code, up.k, filters=up.filters, features=feature)
-        t2 = time.perf_counter()
-        reranked = self.engine.reranks(idx, feature is not None)
-        return Answer(
-            idx, q, code, reranked, rows, {"prepare": q.timings["prepare"], "encode": t1 - t0, "search": t2 - t1}
-        )
+        return await asyncio.to_thread(_search_answer, self.engine, up, idx, q, code, feature, time.perf_counter() - t0)
 
     async def similar_slides(self, table: str | None, slide: str, k: int, method: str) -> tuple[CodeIndex, Any]:
         """Slides like an indexed slide (cheap), else like the slide at that URI under the roots (read, tiled
@@ -249,20 +242,26 @@ def _answer_alone(engine: QueryEngine, up: Upload) -> Answer:
     obs.QUERY_BATCH_SIZE.observe(1)
     t0 = time.perf_counter()
     codes, feats = engine.encode_features(idx, [q.image])
-    t1 = time.perf_counter()
-    obs.QUERY_MODEL_SECONDS.observe(t1 - t0)
-    feature = feats[0] if up.rerank and feats is not None else None
-    rows = engine.search(idx, codes[0], up.k, filters=up.filters, features=feature)
-    t2 = time.perf_counter()
-    reranked = engine.reranks(idx, feature is not None)
-    return Answer(
-        idx,
-        q,
-        np.asarray(codes[0]),
-        reranked,
-        rows,
-        {"prepare": q.timings["prepare"], "encode": t1 - t0, "search": t2 - t1},
-    )
+    encode_s = time.perf_counter() - t0
+    obs.QUERY_MODEL_SECONDS.observe(encode_s)
+    return _search_answer(engine, up, idx, q, np.asarray(codes[0]), None if feats is None else feats[0], encode_s)
+
+
+def _search_answer(
+    engine: QueryEngine,
+    up: Upload,
+    idx: CodeIndex,
+    q: Query,
+    code: npt.NDArray[np.uint8],
+    feature: npt.NDArray[np.int8] | None,
+    encode_s: float,
+) -> Answer:
+    """The upload's hits for its code (re-ranked by its features where asked and kept), and the stages' seconds."""
+    feature = feature if up.rerank else None
+    t0 = time.perf_counter()
+    rows = engine.search(idx, code, up.k, filters=up.filters, features=feature)
+    seconds = {"prepare": q.timings["prepare"], "encode": encode_s, "search": time.perf_counter() - t0}
+    return Answer(idx, q, code, engine.reranks(idx, feature is not None), rows, seconds)
 
 
 def _prepare(

@@ -17,6 +17,8 @@ from fastapi.responses import Response
 from medret import kinds
 from medret import observability as obs
 from medret.errors import ConfigError
+from medret.index.store import CodeIndex
+from medret.serve.engine import QueryEngine
 from medret.serve.routes.deps import AUTH, ServiceDep
 from medret.serve.routes.schemas import Hit, SearchResponse
 from medret.serve.search import where
@@ -164,8 +166,8 @@ async def similar(
 
 
 def _similar(
-    engine: Any, table: str | None, item_id: str, k: int, filters: dict[str, Any], rerank: bool
-) -> tuple[Any, list[dict[str, Any]]]:
+    engine: QueryEngine, table: str | None, item_id: str, k: int, filters: dict[str, Any], rerank: bool
+) -> tuple[CodeIndex, list[dict[str, Any]]]:
     idx = engine.index(table)  # one hop to a worker thread for both
     return idx, engine.similar(idx.name, item_id, k, filters=filters, rerank=rerank)
 
