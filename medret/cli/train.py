@@ -10,7 +10,11 @@ from medret.cli.options import add_archive, add_json, add_s3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with TrainConfig fields")
-    parser.add_argument("--method", help="training method: clshash, default, dml, dnhn, momentum (default: default)")
+    parser.add_argument(
+        "--method",
+        help="training method: clshash, default, dml, dnhn, momentum, selfsup; on a frozen pretrained backbone "
+        "(with a preset): frozen-itq, frozen-selfsup (default: default, or the preset's)",
+    )
     parser.add_argument("--bits", type=int, help="code length: a multiple of 8 from 16 to 256 (default: 48)")
     parser.add_argument(
         "--data", nargs="+", metavar="NAME_OR_NPZ", help="'medmnist-4' (default) or MedMNIST-layout .npz files"

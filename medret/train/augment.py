@@ -8,13 +8,20 @@ batch and a seeded generator give the same result every time. Output keeps shape
 - ``histology``: one of the 8 dihedral transforms per image (a slide has no up or left),
   stain jitter in optical-density space, a little brightness.
 - ``none``: the batch as it is.
+
+:func:`rescan` is not a training augmentation of its own: it adds, on top of one, what scanning the
+same tissue or film again changes (the field of view moved and scaled, a JPEG of another quality);
+the ``frozen-selfsup`` fit makes its views with it.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from medret.registry import Registry
 from medret.train.data import augment
@@ -86,3 +93,49 @@ def histology(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def get_augmentation(name: str) -> Augmentation:
     """The augmentation called ``name``; an unknown name lists the known ones."""
     return AUGMENTATIONS.get(name)
+
+
+def field_jitter(
+    x: torch.Tensor, generator: torch.Generator, *, scale: float = 0.13, shift: float = 0.25
+) -> torch.Tensor:
+    """The field of view moved by up to ``shift`` of the image's side along each axis and scaled by up to
+    ``1 ± scale``; what comes into view beyond the edge is the image mirrored (reflection padding)."""
+    n = len(x)
+    u = _uniform(generator, n, 3).to(x.device, x.dtype)
+    side = 1 + scale * u[:, 0]
+    zero = torch.zeros_like(side)
+    # affine_grid's coordinates span [-1, 1]: a move of ``shift`` of the side is 2 * shift
+    theta = torch.stack(
+        [torch.stack([side, zero, 2 * shift * u[:, 1]], 1), torch.stack([zero, side, 2 * shift * u[:, 2]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="reflection").clamp_(0, 1)
+
+
+def jpeg_jitter(x: torch.Tensor, generator: torch.Generator, *, quality: tuple[int, int] = (40, 95)) -> torch.Tensor:
+    """Each image through Pillow's JPEG at a quality drawn uniformly from ``quality`` (inclusive); 1 or 3 channels."""
+    from PIL import Image
+
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"JPEG takes 1 or 3 channels, got {x.shape[1]}")
+    low, high = quality
+    q = torch.randint(low, high + 1, (len(x),), generator=generator, device=generator.device).tolist()
+    pixels = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for img, qq in zip(pixels, q, strict=True):
+        buf = io.BytesIO()
+        Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(buf, format="JPEG", quality=qq)
+        buf.seek(0)
+        back = np.asarray(Image.open(buf).convert("L" if img.shape[2] == 1 else "RGB"))
+        out.append(back.reshape(img.shape))
+    return (torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255).contiguous()
+
+
+def rescan(augmentation: Augmentation) -> Augmentation:
+    """``augmentation`` between what a rescan changes: the field of view first (:func:`field_jitter`), the
+    compression last (:func:`jpeg_jitter`)."""
+
+    def views(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return jpeg_jitter(augmentation(field_jitter(x, generator), generator), generator)
+
+    return views

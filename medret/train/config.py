@@ -10,8 +10,9 @@ from pydantic import Field, field_validator, model_validator
 from medret.config import Frozen, S3Config
 from medret.preprocess.wsi.tiling import TilingConfig
 
-#: methods that fit codes without gradient training (run in the driver, no Ray Train workers)
-TRAINING_FREE = ("frozen-itq",)
+#: methods that keep the preset's pretrained backbone frozen and fit only the hash layer, in the driver (no Ray
+#: Train workers): ``frozen-itq`` without any gradient step, ``frozen-selfsup`` on cached features of augmented views
+TRAINING_FREE = ("frozen-itq", "frozen-selfsup")
 #: DICOM attributes ``label_tag`` may name (those the DICOM reader records; nothing identifying)
 LABEL_TAGS = (
     "BodyPartExamined",
@@ -215,7 +216,7 @@ class TrainConfig(Frozen):
         try:
             METHODS.get(self.method)
         except UnknownNameError as err:
-            raise ValueError(f"{err}; or training-free: {', '.join(TRAINING_FREE)}") from None
+            raise ValueError(f"{err}; or on a frozen backbone: {', '.join(TRAINING_FREE)}") from None
         return self
 
     def resolved_fine_bits(self) -> int:

