@@ -28,6 +28,11 @@ Euclidean nearest neighbour (not a code; a reference), and seeded random 48-bit 
 ``frozen-itq:BACKBONE`` fits its ITQ on the gallery tiles (unsupervised, no labels exist);
 ``frozen-itq:BACKBONE+dihedral`` pools the backbone's features over the 8 rotations and mirror
 images of each tile first (``arch.dihedral``; 8 times the encoder's cost).
+``frozen-selfsup:BACKBONE[+dihedral]`` trains the hash layer on the same frozen features, without labels,
+on the gallery tiles and 8 random views of each (``medret.methods.frozen_selfsup``; the views are the
+``histology`` augmentation inside ``medret.train.augment.rescan``: field of view moved by up to a quarter
+tile and scaled by up to 13%, a random dihedral transform, stain jitter, JPEG at a quality in [40, 95],
+all drawn at random, never the queries' own transforms).
 Gallery size: 364 tiles with the default readers (OpenSlide first: TCGA 187, CMU 177);
 363 with ``--backends tiffslide`` (TCGA 186), the spec's count: the TCGA tile at level-0
 (1120, 2912) has a tissue fraction of 0.5016 by OpenSlide's decode and 0.4996 by tiffslide's
@@ -140,7 +145,9 @@ Coder = Callable[[np.ndarray], np.ndarray]  # RGB tiles -> packed codes (or floa
 
 
 def frozen_coder(spec: str, gallery: np.ndarray, runtime: str = "torch") -> tuple[Coder, dict[str, Any]]:
-    """``frozen-itq:BACKBONE``: the ``histology`` preset's frozen pretrained backbone + ITQ fitted on the gallery."""
+    """``frozen-itq:BACKBONE`` / ``frozen-selfsup:BACKBONE``: the ``histology`` preset's frozen pretrained backbone
+    + ITQ fitted on the gallery, or a hash layer trained on it self-supervised from the gallery tiles."""
+    method = spec.partition(":")[0]
     try:
         from medret.models.frozen import fit_frozen_itq
         from medret.models.presets import preset_config
@@ -160,19 +167,27 @@ def frozen_coder(spec: str, gallery: np.ndarray, runtime: str = "torch") -> tupl
         config = config.model_copy(update={"extra": {**config.extra, "arch": arch}})
     t0 = time.perf_counter()
     chunks = (reid.prepare_tiles(gallery[i : i + 64], config) for i in range(0, len(gallery), 64))
-    encoder = fit_frozen_itq(config, chunks)
+    if method == "frozen-selfsup":
+        from medret.methods.frozen_selfsup import fit_frozen_selfsup
+        from medret.train.augment import get_augmentation, rescan
+
+        encoder = fit_frozen_selfsup(config, chunks, rescan(get_augmentation("histology")), max_samples=len(gallery))
+    else:
+        encoder = fit_frozen_itq(config, chunks)
     c = encoder.config
     info = {
         "encoder_id": c.encoder_id,
         "input": f"{c.input_size[0]}x{c.input_size[1]}x{c.channels}",
         "fit_s": time.perf_counter() - t0,
         "fitted_on": f"the {len(gallery)} gallery tiles (unsupervised: no labels, no queries)",
+        "fit": {k: v for k, v in c.extra["fit"].items() if k != "backbone_sha256"},
     }
     if runtime == "onnx":
         from medret.models.onnx import CheckedOnnxEncoder
 
-        encoder = CheckedOnnxEncoder.of(encoder, threads=os.cpu_count() or 1)  # torch's codes, exactly
+        twin = CheckedOnnxEncoder.of(encoder, threads=os.cpu_count() or 1)  # torch's codes, exactly
         info["runtime"] = "onnx (checked twin: torch's codes)"
+        return lambda tiles: twin.encode(reid.prepare_tiles(tiles, c)), info
     return lambda tiles: encoder.encode(reid.prepare_tiles(tiles, c)), info
 
 
@@ -255,7 +270,12 @@ def relevance_stats(sets: dict[str, np.ndarray], qs: dict[str, tuple[np.ndarray,
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--encoders", nargs="*", default=["default"], help="shipped names, encoder.npz paths, frozen-itq:X")
+    ap.add_argument(
+        "--encoders",
+        nargs="*",
+        default=["default"],
+        help="shipped names, encoder.npz paths, frozen-itq:X, frozen-selfsup:X",
+    )
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument(
         "--runtime",
@@ -282,9 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("gallery: %d tiles %s (%s in %.1f s)", n, per_slide, "cache" if cached else "read", read_s)
     coders: dict[str, tuple[Coder, dict[str, Any]]] = {}
     for spec in args.encoders:
-        coders[spec] = (
-            frozen_coder(spec, gallery, args.runtime) if spec.startswith("frozen-itq") else encoder_coder(spec)
-        )
+        coders[spec] = frozen_coder(spec, gallery, args.runtime) if spec.startswith("frozen-") else encoder_coder(spec)
     coders.update(baseline_coders(gallery))
     rows = []
     for name, (coder, info) in coders.items():

@@ -160,6 +160,7 @@ def fit_histology(source: Path, work: Path, fit_tiles: int) -> tuple[str, dict[s
 
     cfg = TrainConfig(
         preset="histology",
+        method="frozen-itq",  # the encoder the recorded figures were measured with (the preset's default until 12-07)
         bits=BITS,
         source=str(source),
         samples_per_epoch=fit_tiles,

