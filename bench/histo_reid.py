@@ -187,8 +187,14 @@ def frozen_coder(spec: str, gallery: np.ndarray, runtime: str = "torch") -> tupl
 
         twin = CheckedOnnxEncoder.of(encoder, threads=os.cpu_count() or 1)  # torch's codes, exactly
         info["runtime"] = "onnx (checked twin: torch's codes)"
-        return lambda tiles: twin.encode(reid.prepare_tiles(tiles, c)), info
-    return lambda tiles: encoder.encode(reid.prepare_tiles(tiles, c)), info
+        return lambda tiles: in_chunks(twin.encode, reid.prepare_tiles(tiles, c)), info
+    return lambda tiles: in_chunks(encoder.encode, reid.prepare_tiles(tiles, c)), info
+
+
+def in_chunks(encode: Callable[[np.ndarray], np.ndarray], images: np.ndarray, chunk: int = 32) -> np.ndarray:
+    """Codes of ``images`` encoded ``chunk`` at a time: a whole query set at once through a pooled (8-view)
+    encoder would hold 8 x 364 images' activations (over 20 GB at 224 px in ONNX Runtime)."""
+    return np.concatenate([encode(images[i : i + chunk]) for i in range(0, len(images), chunk)])
 
 
 def encoder_coder(spec: str) -> tuple[Coder, dict[str, Any]]:

@@ -40,6 +40,9 @@ SELFSUP_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
 }
 
+#: images per ONNX Runtime call when computing the cached features
+TWIN_CHUNK = 16
+
 ViewMaker = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -168,4 +171,11 @@ def _feature_runner(net: HashNet, config: EncoderConfig, runtime: str) -> Callab
     twin = OnnxEncoder(onnx_bytes(TorchHashEncoder.from_module(net, config)), threads=os.cpu_count() or 1)
     # the twin takes the encoder's own layout, (N, H, W) or (N, H, W, C)
     layout = (lambda x: x[:, 0]) if config.channels == 1 else (lambda x: x.permute(0, 2, 3, 1))
-    return lambda x: twin.forward_features(np.ascontiguousarray(layout(x).numpy()))
+
+    def run(x: torch.Tensor) -> npt.NDArray[Any]:
+        # a few images per call: a pooled backbone (``arch.dihedral``) runs 8 passes of each at once, and the
+        # runtime keeps the memory of its largest call
+        parts = [np.ascontiguousarray(layout(x[i : i + TWIN_CHUNK]).numpy()) for i in range(0, len(x), TWIN_CHUNK)]
+        return np.concatenate([twin.forward_features(p) for p in parts])
+
+    return run
