@@ -31,8 +31,11 @@ images of each tile first (``arch.dihedral``; 8 times the encoder's cost).
 ``frozen-selfsup:BACKBONE[+dihedral]`` trains the hash layer on the same frozen features, without labels,
 on the gallery tiles and 8 random views of each (``medret.methods.frozen_selfsup``; the views are the
 ``histology`` augmentation inside ``medret.train.augment.rescan``: field of view moved by up to a quarter
-tile and scaled by up to 13%, a random dihedral transform, stain jitter, JPEG at a quality in [40, 95],
-all drawn at random, never the queries' own transforms).
+tile and scaled by up to 13%, a random dihedral transform, stain jitter, JPEG at a quality in [40, 95]).
+Like the ITQ rows it is fitted transductively on the gallery tiles, and its augmentation ranges are chosen
+to cover the benchmark's transform families: the dihedral views include the query rotations and flip
+exactly, and the moves, scales and JPEG qualities bracket the queries' values (drawn at random, not set
+to them).
 Gallery size: 364 tiles with the default readers (OpenSlide first: TCGA 187, CMU 177);
 363 with ``--backends tiffslide`` (TCGA 186), the spec's count: the TCGA tile at level-0
 (1120, 2912) has a tissue fraction of 0.5016 by OpenSlide's decode and 0.4996 by tiffslide's
@@ -148,6 +151,8 @@ def frozen_coder(spec: str, gallery: np.ndarray, runtime: str = "torch") -> tupl
     """``frozen-itq:BACKBONE`` / ``frozen-selfsup:BACKBONE``: the ``histology`` preset's frozen pretrained backbone
     + ITQ fitted on the gallery, or a hash layer trained on it self-supervised from the gallery tiles."""
     method = spec.partition(":")[0]
+    if method not in ("frozen-itq", "frozen-selfsup"):
+        raise SystemExit(f"{spec}: a frozen encoder is frozen-itq:BACKBONE or frozen-selfsup:BACKBONE, got {method!r}")
     try:
         from medret.models.frozen import fit_frozen_itq
         from medret.models.presets import preset_config
@@ -287,8 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         "--runtime",
         choices=["torch", "onnx"],
         default="torch",
-        help="encode the tiles of a frozen-itq encoder with torch, or with its checked ONNX Runtime twin (the same "
-        "codes, several times faster on a CPU; the ITQ fit stays on torch)",
+        help="encode the tiles of a frozen-itq or frozen-selfsup encoder with torch, or with its checked ONNX Runtime "
+        "twin (the same codes, several times faster on a CPU; the ITQ fit stays on torch; frozen-selfsup's cached "
+        "training features always come from ONNX Runtime)",
     )
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "medret-histo-reid")
     ap.add_argument("--no-cache", action="store_true")

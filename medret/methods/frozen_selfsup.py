@@ -23,7 +23,7 @@ import torch
 from medret.errors import ConfigError
 from medret.methods.selfsup import bit_balance_loss, nt_xent
 from medret.models.encoder import EncoderConfig
-from medret.models.frozen import CHUNK, ITERATIONS, check_enough, frozen_net, set_itq_hash, stamp_fit
+from medret.models.frozen import CHUNK, ITERATIONS, frozen_net, set_itq_hash, stamp_fit
 from medret.models.hashnet import HashNet, TorchHashEncoder, to_input
 from medret.models.itq import itq_projection
 
@@ -63,8 +63,9 @@ def fit_frozen_selfsup(
     JPEG). The backbone's features of all of them are computed once and kept (float16,
     ``2 * dim * (views + 1)`` bytes per image). The linear hash layer starts from PCA-ITQ of the images'
     own features (of all their views where there are fewer images than bits) and is trained on the
-    cached features for ``steps`` steps: NT-Xent between two views of each image (one image's views
-    pulled together, pushed from the batch's other images), plus a quantisation and a bit-balance term
+    cached features for ``steps`` steps: NT-Xent between two of each image's ``views + 1`` cached versions,
+    drawn independently (so one time in ``views + 1`` the same one; one image's versions pulled together,
+    pushed from the batch's other images), plus a quantisation and a bit-balance term
     (:mod:`medret.methods.selfsup`). No gradient reaches the backbone, so this takes minutes on a CPU.
     ``runtime`` ``"onnx"``: the features are computed by the net's ONNX Runtime twin (several times
     faster on a CPU; its features are torch's to
@@ -79,16 +80,21 @@ def fit_frozen_selfsup(
         raise ConfigError(
             f"frozen-selfsup needs views >= 1, steps >= 1 and batch >= 2; got {n_views}, {steps}, {batch}"
         )
-    if max_samples < config.bits:
-        raise ConfigError(f"max_samples must be at least bits ({config.bits}), got {max_samples}")
+    if runtime not in ("onnx", "torch"):
+        raise ConfigError(f"runtime must be 'onnx' or 'torch', got {runtime!r}")
+    if max_samples < 2:
+        raise ConfigError(f"frozen-selfsup trains on at least 2 images (samples_per_epoch), got {max_samples}")
     net, extra, arch = frozen_net(config, "frozen-selfsup")
     t0 = time.perf_counter()
     cached = _view_features(net, config, batches, views_of, n_views, max_samples, seed, runtime)
     features_s = time.perf_counter() - t0
     n, _, dim = cached.shape
-    if n < 2:
-        raise ConfigError(f"frozen-selfsup needs at least 2 images (a view is told from other images); got {n}")
-    check_enough("frozen-selfsup", config.bits, n * (n_views + 1), dim)
+    if n < 2 or n * (n_views + 1) < config.bits or dim < config.bits:
+        raise ConfigError(
+            f"frozen-selfsup with {config.bits} bits needs at least 2 images, {config.bits} images and views "
+            f"together, and {config.bits} features; got {n} images x {n_views + 1} (each and its views) of {dim} "
+            "features"
+        )
     # the start: PCA-ITQ of the images themselves, or of every view where there are fewer images than bits
     start = cached[:, 0] if n >= config.bits else cached.reshape(-1, dim)
     mean, proj = itq_projection(start.astype(np.float32), config.bits, iterations=ITERATIONS, seed=seed)
@@ -99,7 +105,7 @@ def fit_frozen_selfsup(
     generator = torch.Generator().manual_seed(seed)
     feats = torch.from_numpy(cached)
     losses = []
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():  # a caller's inference mode would stop the gradient
         for _ in range(steps):
             rows = torch.randperm(n, generator=generator)[:batch]
             a, b = (torch.randint(0, n_views + 1, (len(rows),), generator=generator) for _ in range(2))
@@ -120,7 +126,7 @@ def fit_frozen_selfsup(
         "max_samples": max_samples,
         **h,
         "loss_first": round(losses[0], 4),
-        "loss_last": round(float(np.mean(losses[-50:])), 4),
+        "loss_last": round(float(np.mean(losses[-min(50, max(1, steps // 4)) :])), 4),
         "features_s": round(features_s, 1),
         "head_s": round(time.perf_counter() - t1, 1),
         "feature_cache_bytes": int(cached.nbytes),
@@ -164,8 +170,6 @@ def _feature_runner(net: HashNet, config: EncoderConfig, runtime: str) -> Callab
     """(N, C, H, W) in [0, 1] -> backbone features, by torch or by the net's ONNX Runtime twin."""
     if runtime == "torch":
         return lambda x: net.forward_features(x).float().numpy()
-    if runtime != "onnx":
-        raise ConfigError(f"runtime must be 'onnx' or 'torch', got {runtime!r}")
     from medret.models.onnx import OnnxEncoder, onnx_bytes
 
     twin = OnnxEncoder(onnx_bytes(TorchHashEncoder.from_module(net, config)), threads=os.cpu_count() or 1)

@@ -131,9 +131,9 @@ def test_a_rotated_copy_finds_its_original_first_through_the_indexing_job(
     written: list[dict[str, Any]], tmp_path: Path, ray_local: None
 ) -> None:
     """Block 0 of TCGA turned by 90 degrees, its original, and block 1 of the same slide (the same kind of
-    tissue) as the distractor. The encoder is the histology preset's training-free one, fitted on these
-    three slides without labels: the shipped 28 px grey encoder is not rotation-robust and ranks block 1
-    first (bench/slide_retrieval.py measures it)."""
+    tissue) as the distractor. The encoder is the histology preset's own (frozen Lite0, its hash layer
+    trained self-supervised), fitted on these three slides without labels: the shipped 28 px grey
+    encoder is not rotation-robust and ranks block 1 first (bench/slide_retrieval.py measures it)."""
     from medret.index.store import CodeIndex
     from medret.pipelines.backfill import run_index
     from medret.pipelines.config import IndexJobConfig

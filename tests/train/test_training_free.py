@@ -73,8 +73,7 @@ def test_the_histology_preset_fits_colour_codes_on_a_slide_without_labels(
 def test_with_arch_dihedral_a_turned_tile_keeps_its_code(data_dir: Path, tmp_path: Path, ray_local: None) -> None:
     """``--set arch.dihedral=true``: the backbone pools each tile's 8 orientations, so the fit takes each tile
     once, and a tile rotated or mirrored on the slide gets its own code back, to the bit."""
-    # the preset's method (frozen-selfsup), cut short
-    cfg = histology_run(data_dir, tmp_path, 24, arch={"dihedral": True}, hyper={"views": 1, "steps": 20})
+    cfg = histology_run(data_dir, tmp_path, 24, arch={"dihedral": True}, method="frozen-itq")
     report = fit(cfg)
     encoder = load_encoder(report.encoder_path)
     assert encoder.config.extra["arch"] == {"pretrained": False, "dihedral": True}
