@@ -68,8 +68,8 @@ def fit_frozen_selfsup(
     pushed from the batch's other images), plus a quantisation and a bit-balance term
     (:mod:`medret.methods.selfsup`). No gradient reaches the backbone, so this takes minutes on a CPU.
     ``runtime`` ``"onnx"``: the features are computed by the net's ONNX Runtime twin (several times
-    faster on a CPU; its features are torch's to
-    float error, and the fitted encoder is the torch net). Deterministic for a given input.
+    faster on a CPU; its features are torch's to float error, and the fitted encoder is the torch net).
+    Deterministic for a given input.
     """
     h = {**SELFSUP_DEFAULTS, **(hyper or {})}
     unknown = sorted(set(h) - set(SELFSUP_DEFAULTS))
@@ -84,7 +84,7 @@ def fit_frozen_selfsup(
         raise ConfigError(f"runtime must be 'onnx' or 'torch', got {runtime!r}")
     if max_samples < 2:
         raise ConfigError(f"frozen-selfsup trains on at least 2 images (samples_per_epoch), got {max_samples}")
-    net, extra, arch = frozen_net(config, "frozen-selfsup")
+    net, extra = frozen_net(config, "frozen-selfsup")
     t0 = time.perf_counter()
     cached = _view_features(net, config, batches, views_of, n_views, max_samples, seed, runtime)
     features_s = time.perf_counter() - t0
@@ -132,7 +132,7 @@ def fit_frozen_selfsup(
         "feature_cache_bytes": int(cached.nbytes),
     }
     net.eval()
-    return stamp_fit(net, config, "frozen-selfsup", extra, arch, fit)
+    return stamp_fit(net, config, "frozen-selfsup", extra, fit)
 
 
 @torch.inference_mode()

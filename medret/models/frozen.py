@@ -57,20 +57,20 @@ def set_itq_hash(net: HashNet, mean: npt.NDArray[np.float32], proj: npt.NDArray[
     net.hash.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
 
 
-def frozen_net(config: EncoderConfig, method: str) -> tuple[HashNet, dict[str, Any], dict[str, Any]]:
-    """The config's HashNet with no classifier and no similarity bits; its extra and arch options, cleaned."""
+def frozen_net(config: EncoderConfig, method: str) -> tuple[HashNet, dict[str, Any]]:
+    """The config's HashNet with no classifier and no similarity bits, and its extra options, cleaned."""
     extra = {k: v for k, v in config.extra.items() if k not in ("fit", "n_classes", "fine_bits")}
-    arch = dict(extra.get("arch", {}))
     net = build_hashnet(
         config.model_copy(update={"method": method, "extra": {**extra, "fine_bits": 0, "n_classes": 0}})
     )
-    return net, extra, arch
+    return net, extra
 
 
 def stamp_fit(
-    net: HashNet, config: EncoderConfig, method: str, extra: dict[str, Any], arch: dict[str, Any], fit: dict[str, Any]
+    net: HashNet, config: EncoderConfig, method: str, extra: dict[str, Any], fit: dict[str, Any]
 ) -> TorchHashEncoder:
     """The fitted net as an ordinary ``hashnet`` encoder whose config records the fit (and carries the backbone)."""
+    arch = dict(extra.get("arch", {}))
     fit["backbone_sha256"] = state_digest(net.backbone.state_dict())
     if arch.get("pretrained"):
         # the checkpoint carries the backbone's weights: loading it needs no weights package
@@ -86,13 +86,6 @@ def stamp_fit(
     return TorchHashEncoder.from_module(net, stamped)
 
 
-def check_enough(method: str, bits: int, n: int, dim: int) -> None:
-    if n < bits or dim < bits:
-        raise ConfigError(
-            f"{method} with {bits} bits needs at least {bits} images and features; got {n} images of {dim} features"
-        )
-
-
 def fit_frozen_itq(
     config: EncoderConfig, batches: Iterable[npt.NDArray[Any]], *, max_samples: int = 20000, seed: int = 0
 ) -> TorchHashEncoder:
@@ -103,10 +96,15 @@ def fit_frozen_itq(
     """
     if max_samples < config.bits:
         raise ConfigError(f"max_samples must be at least bits ({config.bits}), got {max_samples}")
-    net, extra, arch = frozen_net(config, "frozen-itq")
+    net, extra = frozen_net(config, "frozen-itq")
     features = features_of(net, batches, config, max_samples=max_samples)
-    check_enough("frozen-itq", config.bits, *features.shape)
+    n, dim = features.shape
+    if n < config.bits or dim < config.bits:
+        raise ConfigError(
+            f"frozen-itq with {config.bits} bits needs at least {config.bits} images and features; "
+            f"got {n} images of {dim} features"
+        )
     mean, proj = itq_projection(features, config.bits, iterations=ITERATIONS, seed=seed)
     set_itq_hash(net, mean, proj)
-    fit: dict[str, Any] = {"samples": len(features), "seed": seed, "iterations": ITERATIONS, "max_samples": max_samples}
-    return stamp_fit(net, config, "frozen-itq", extra, arch, fit)
+    fit: dict[str, Any] = {"samples": n, "seed": seed, "iterations": ITERATIONS, "max_samples": max_samples}
+    return stamp_fit(net, config, "frozen-itq", extra, fit)

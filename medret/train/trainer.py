@@ -207,7 +207,6 @@ def fit_training_free(cfg: TrainConfig) -> TrainReport:
         extra={"arch": dict(cfg.arch or {}), **({"preset": cfg.preset} if cfg.preset else {})},
     )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    pooled = bool((cfg.arch or {}).get("dihedral"))  # the backbone sees the 8 orientations itself
     t0 = time.perf_counter()
     if cfg.method == "frozen-selfsup":
         from medret.methods.frozen_selfsup import fit_frozen_selfsup
@@ -228,6 +227,7 @@ def fit_training_free(cfg: TrainConfig) -> TrainReport:
 
         limit = cfg.samples_per_epoch or 20_000
         batches = image_batches(cfg, limit)
+        pooled = bool((cfg.arch or {}).get("dihedral"))  # the backbone sees the 8 orientations itself
         if cfg.augmentation == "histology" and not pooled:  # a tile has no up: fit on each in its 8 orientations
             batches = (np.concatenate([dihedral for dihedral in eight_ways(b)]) for b in batches)
         encoder = fit_frozen_itq(config, batches, max_samples=limit * (1 if pooled else 8), seed=cfg.seed)
