@@ -10,7 +10,7 @@ import pytest
 from medret.errors import ConfigError, MissingSpacingError
 from medret.io.wsi import open_slide
 from medret.preprocess.wsi.stain import macenko_normalize, stain_vectors
-from medret.preprocess.wsi.tiling import iter_tiles, tile_grid
+from medret.preprocess.wsi.tiling import TilingConfig, iter_tiles, read_moved, tile_grid
 from medret.preprocess.wsi.tissue import tissue_mask
 
 # file -> (backend, levels, level-0 size, mpp or None)
@@ -93,3 +93,23 @@ def test_wsi_recipe_prepares_planned_tiles(data_dir: Path) -> None:
         items = RECIPES.get("wsi-tiles")(SlideTiles.of_slide(s, positions, tiling), input_size=(224, 224))
     assert items and all(p.image.shape == (224, 224) and 0 <= p.image.min() <= p.image.max() <= 1 for p in items)
     assert items[0].suffix.startswith("#x=") and items[0].meta["mpp"] == 1.0
+
+
+def test_a_tile_read_again_moved_and_rescaled_is_the_slide_around_it(data_dir: Path) -> None:
+    """``read_moved``: a rescan's field of view, read from the slide itself (TCGA at an assumed 0.25 mpp, so a
+    0.5 mpp tile is 448 level-0 px): unmoved it is the tile; moved by 56 tile px it is the tile read 112 level-0 px
+    over; at 0.55 mpp it is 10 % more tissue around the same centre; at the slide's corner it stays on the slide."""
+    tiling = TilingConfig(tile_px=224, mpp=0.5)
+    with open_slide(data_dir / "wsi/histolab__tcga-cr-7395-01a-01-ts1.svs", mpp=0.25) as s:
+        x, y = 2240, 448
+        tile = s.read((x, y), (224, 224), 0.5, "mpp")
+        np.testing.assert_array_equal(read_moved(s, x, y, tiling), tile)
+        moved = read_moved(s, x, y, tiling, dx=56, dy=-28)
+        np.testing.assert_array_equal(moved, s.read((x + 112, y - 56), (224, 224), 0.5, "mpp"))
+        assert np.abs(moved.astype(int) - tile).mean() > 5
+        wider = read_moved(s, x, y, tiling, mpp=0.55)  # 246.4 level-0 px a side -> 493 px, centred
+        np.testing.assert_array_equal(wider, s.read((x - 22, y - 22), (224, 224), 0.55, "mpp"))
+        corner = read_moved(s, 0, 0, tiling, dx=-100, dy=-100)
+        np.testing.assert_array_equal(corner, s.read((0, 0), (224, 224), 0.5, "mpp"))
+        with pytest.raises(ConfigError, match="mpp must be positive"):
+            read_moved(s, x, y, tiling, mpp=0)

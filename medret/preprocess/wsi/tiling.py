@@ -26,6 +26,17 @@ class TileSpec:
 
 
 @dataclass(frozen=True)
+class TileAt:
+    """Where a tile was read: its slide (a URI or path, as whoever opens it names it), the slide's version
+    (an etag; "" where unknown) and the tile's level-0 top-left corner."""
+
+    slide: str
+    x: int
+    y: int
+    version: str = ""
+
+
+@dataclass(frozen=True)
 class Tile:
     image: npt.NDArray[np.uint8]  # (tile_size, tile_size, 3)
     slide_id: str
@@ -129,6 +140,29 @@ def plan_units(slide: Slide, tiling: TilingConfig) -> list[list[tuple[int, int, 
     specs = tile_grid(slide, tile_size=t.tile_px, mpp=t.mpp, min_tissue=t.min_tissue)
     pos = [(s.x, s.y, s.tissue) for s in specs]
     return [pos[i : i + t.tiles_per_unit] for i in range(0, len(pos), t.tiles_per_unit)] or [[]]
+
+
+def read_moved(
+    slide: Slide, x: int, y: int, tiling: TilingConfig, *, dx: float = 0.0, dy: float = 0.0, mpp: float | None = None
+) -> npt.NDArray[np.uint8]:
+    """The tile at level-0 (``x``, ``y``) read again as a rescan would see it: its centre moved by (``dx``, ``dy``)
+    pixels of the tile, read at ``mpp`` (default the tiling's) as ``tiling.tile_px`` pixels around that centre.
+
+    What comes into view is the slide's own tissue, never a mirrored edge; the field of view is kept on the
+    slide (shifted inwards at its borders).
+    """
+    t = tiling
+    view_mpp = t.mpp if mpp is None else float(mpp)
+    if view_mpp <= 0:
+        raise ConfigError(f"mpp must be positive, got {mpp}")
+    base = slide.require_mpp()[0]
+    extent = t.tile_px * t.mpp / base  # the tile's side in level-0 pixels
+    side = t.tile_px * view_mpp / base  # the view's
+    cx, cy = x + extent / 2 + dx * extent / t.tile_px, y + extent / 2 + dy * extent / t.tile_px
+    w0, h0 = slide.dimensions
+    left = round(min(max(cx - side / 2, 0.0), max(w0 - side, 0.0)))
+    top = round(min(max(cy - side / 2, 0.0), max(h0 - side, 0.0)))
+    return slide.read((left, top), (t.tile_px, t.tile_px), view_mpp, "mpp")
 
 
 _SLIDES: OrderedDict[str, Slide] = OrderedDict()
