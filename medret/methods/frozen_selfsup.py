@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,12 +43,16 @@ SELFSUP_DEFAULTS: dict[str, Any] = {
 #: images per ONNX Runtime call when computing the cached features
 TWIN_CHUNK = 16
 
-ViewMaker = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+#: ``(x, generator, at) -> views``: ``x`` (N, C, H, W) in [0, 1], ``at`` what the batch says of where each image
+#: came from (e.g. a slide tile's place, for views read again from the slide; None where nothing is known)
+ViewMaker = Callable[[torch.Tensor, torch.Generator, Sequence[Any]], torch.Tensor]
+#: a batch of images, or of images and where each came from (one entry per image, None where unknown)
+Batch = npt.NDArray[Any] | tuple[npt.NDArray[Any], Sequence[Any]]
 
 
 def fit_frozen_selfsup(
     config: EncoderConfig,
-    batches: Iterable[npt.NDArray[Any]],
+    batches: Iterable[Batch],
     views_of: ViewMaker,
     *,
     max_samples: int = 4000,
@@ -59,15 +63,16 @@ def fit_frozen_selfsup(
     """A ``frozen-selfsup`` encoder: the frozen backbone, and a hash layer trained without labels.
 
     Each of the first ``max_samples`` images is seen as itself and through ``views`` random views
-    (``views_of(x, generator)`` on (N, C, H, W) in [0, 1]; e.g. rotations, stain, a moved field of view,
-    JPEG). The backbone's features of all of them are computed once and kept (float16,
-    ``2 * dim * (views + 1)`` bytes per image). The linear hash layer starts from PCA-ITQ of the images'
-    own features (of all their views where there are fewer images than bits) and is trained on the
-    cached features for ``steps`` steps: NT-Xent between two of each image's ``views + 1`` cached versions,
-    drawn independently (so one time in ``views + 1`` the same one; one image's versions pulled together,
-    pushed from the batch's other images), plus a quantisation and a bit-balance term
-    (:mod:`medret.methods.selfsup`). No gradient reaches the backbone, so this takes minutes on a CPU.
-    ``runtime`` ``"onnx"``: the features are computed by the net's ONNX Runtime twin (several times
+    (``views_of(x, generator, at)`` on (N, C, H, W) in [0, 1]; e.g. rotations, stain, a moved field of view,
+    JPEG). ``batches`` gives images, or ``(images, at)`` with where each came from, passed on to ``views_of``
+    (a slide tile's place, so its views can be read from the slide). The backbone's features of all of them
+    are computed once and kept (float16, ``2 * dim * (views + 1)`` bytes per image). The linear hash layer
+    starts from PCA-ITQ of the images' own features (of all their views where there are fewer images than
+    bits) and is trained on the cached features for ``steps`` steps: NT-Xent between two of each image's
+    ``views + 1`` cached versions, drawn independently (so one time in ``views + 1`` the same one; one
+    image's versions pulled together, pushed from the batch's other images), plus a quantisation and a
+    bit-balance term (:mod:`medret.methods.selfsup`). No gradient reaches the backbone, so this takes minutes
+    on a CPU. ``runtime`` ``"onnx"``: the features are computed by the net's ONNX Runtime twin (several times
     faster on a CPU; its features are torch's to float error, and the fitted encoder is the torch net).
     Deterministic for a given input.
     """
@@ -139,7 +144,7 @@ def fit_frozen_selfsup(
 def _view_features(
     net: HashNet,
     config: EncoderConfig,
-    batches: Iterable[npt.NDArray[Any]],
+    batches: Iterable[Batch],
     views_of: ViewMaker,
     n_views: int,
     max_samples: int,
@@ -152,11 +157,15 @@ def _view_features(
     generator = torch.Generator().manual_seed(seed + 1)
     out: list[npt.NDArray[np.float16]] = []
     n = 0
-    for images in batches:
+    for batch in batches:
+        images, at = batch if isinstance(batch, tuple) else (batch, [None] * len(batch))
+        if len(at) != len(images):
+            raise ValueError(f"a batch of {len(images)} images came with {len(at)} places")
         x = to_input(np.asarray(images), config)[: max_samples - n]
+        at = list(at)[: len(x)]
         for i in range(0, len(x), CHUNK):
-            chunk = x[i : i + CHUNK]
-            seen = [run(chunk)] + [run(views_of(chunk, generator)) for _ in range(n_views)]
+            chunk, places = x[i : i + CHUNK], list(at[i : i + CHUNK])
+            seen = [run(chunk)] + [run(views_of(chunk, generator, places)) for _ in range(n_views)]
             out.append(np.stack(seen, 1).astype(np.float16))
         n += len(x)
         if n >= max_samples:

@@ -11,22 +11,32 @@ batch and a seeded generator give the same result every time. Output keeps shape
 
 :func:`rescan` is not a training augmentation of its own: it adds, on top of one, what scanning the
 same tissue or film again changes (the field of view moved and scaled, a JPEG of another quality);
-the ``frozen-selfsup`` fit makes its views with it.
+the ``frozen-selfsup`` fit makes its views with it. For slide tiles whose place is known,
+:class:`SlideViews` moves the field of view by reading the slide again.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
 from medret.registry import Registry
 from medret.train.data import augment
 
+if TYPE_CHECKING:
+    from medret.io.wsi import Slide
+    from medret.methods.frozen_selfsup import ViewMaker
+    from medret.preprocess.wsi.tiling import TileAt, TilingConfig
+
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+log = logging.getLogger(__name__)
 AUGMENTATIONS: Registry[torch.Tensor] = Registry("augmentation")
 
 #: transmission of an empty pixel is 1; darker than this is clipped before the log
@@ -131,11 +141,79 @@ def jpeg_jitter(x: torch.Tensor, generator: torch.Generator, *, quality: tuple[i
     return (torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255).contiguous()
 
 
-def rescan(augmentation: Augmentation) -> Augmentation:
-    """``augmentation`` between what a rescan changes: the field of view first (:func:`field_jitter`), the
-    compression last (:func:`jpeg_jitter`)."""
+class SlideViews:
+    """A slide tile's field of view moved and rescaled by reading it again from its slide.
 
-    def views(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return jpeg_jitter(augmentation(field_jitter(x, generator), generator), generator)
+    Called as ``(x, generator, at)``: ``x`` the batch (N, C, H, W) in [0, 1], ``at`` each image's
+    :class:`~medret.preprocess.wsi.tiling.TileAt` or None. A tile with a place is read again with its centre
+    moved by up to ``shift`` of its side along each axis, at a pixel size up to ``scale`` off the tiling's
+    (0.45-0.55 mpp for 0.5), so the tissue that comes into view is the slide's own; other images get
+    :func:`field_jitter`. ``open_slide(at)`` opens a tile's slide (kept open by the caller's cache);
+    ``to_input`` turns RGB tiles (N, h, w, 3) uint8 into the encoder's input, (N, H, W) or (N, H, W, C).
+    ``reads`` counts the views read from slides. A slide that cannot be read (damaged, or gone since the
+    cache was made) is bad data, not a reason to lose the fit: the tile's view falls back to
+    :func:`field_jitter`, with a warning naming the slide and the place, and ``fallbacks`` counts them.
+    A store that fails is not bad data: its error stops the fit.
+    """
+
+    def __init__(
+        self,
+        open_slide: Callable[[TileAt], Slide],
+        tiling: TilingConfig,
+        to_input: Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]],
+        *,
+        shift: float = 0.25,
+        scale: float = 0.10,
+    ) -> None:
+        if not 0 <= shift <= 1 or not 0 <= scale < 1:
+            raise ValueError(f"shift must be in [0, 1] and scale in [0, 1), got {shift} and {scale}")
+        self.open_slide, self.tiling, self.to_input = open_slide, tiling, to_input
+        self.shift, self.scale = shift, scale
+        self.reads = self.fallbacks = 0
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, at: Sequence[TileAt | None]) -> torch.Tensor:
+        from medret.errors import ObjectNotFoundError, ReadError
+        from medret.preprocess.wsi.tiling import read_moved
+
+        if len(at) != len(x):
+            raise ValueError(f"{len(x)} images but {len(at)} places")
+        if all(a is None for a in at):  # nothing to read: the same draws as any other image's views
+            return field_jitter(x, generator)
+        u = _uniform(generator, len(x), 3).double().cpu().numpy()
+        t, out = self.tiling, x.clone()
+        placed, reads = [], []
+        for i, place in enumerate(at):
+            if place is None:
+                continue
+            dx, dy = self.shift * t.tile_px * u[i, :2]
+            mpp = t.mpp * (1 + self.scale * u[i, 2])
+            try:
+                reads.append(read_moved(self.open_slide(place), place.x, place.y, t, dx=dx, dy=dy, mpp=mpp))
+            except (ReadError, ObjectNotFoundError) as err:
+                self.fallbacks += 1
+                reason = err.reason if isinstance(err, ReadError) else "no such object"
+                log.warning("%s: cannot read the view at (%d, %d) (%s); moved in its own pixels", place.slide,
+                            place.x, place.y, reason)  # fmt: skip
+                continue
+            placed.append(i)
+        if placed:
+            inputs = torch.from_numpy(np.ascontiguousarray(self.to_input(np.stack(reads))))
+            inputs = inputs[:, None] if inputs.ndim == 3 else inputs.permute(0, 3, 1, 2)
+            out[placed] = inputs.to(x.device, x.dtype)
+            self.reads += len(placed)
+        rest = sorted(set(range(len(x))) - set(placed))
+        if rest:
+            out[rest] = field_jitter(x[rest], generator)
+        return out
+
+
+def rescan(augmentation: Augmentation, field: SlideViews | None = None) -> ViewMaker:
+    """``augmentation`` between what a rescan changes: the field of view first (``field``, for slide tiles
+    with a place, else :func:`field_jitter`), the compression last (:func:`jpeg_jitter`). The result is called
+    ``(x, generator, at)`` with each image's place (or None)."""
+
+    def views(x: torch.Tensor, generator: torch.Generator, at: Sequence[Any]) -> torch.Tensor:
+        moved = field(x, generator, at) if field is not None else field_jitter(x, generator)
+        return jpeg_jitter(augmentation(moved, generator), generator)
 
     return views

@@ -42,7 +42,8 @@ def trained(chest: np.ndarray) -> TorchHashEncoder:
 
 def reidentified(encoder: TorchHashEncoder, chest: np.ndarray, seed: int) -> float:
     """Fraction of fresh random views (a seed the fit never drew) whose nearest code is their own image's."""
-    views = rescan(get_augmentation("anatomy"))(to_input(chest, encoder.config), torch.Generator().manual_seed(seed))
+    x = to_input(chest, encoder.config)
+    views = rescan(get_augmentation("anatomy"))(x, torch.Generator().manual_seed(seed), [None] * len(x))
     gallery = np.unpackbits(encoder.encode(chest), axis=1).astype(int)
     queries = np.unpackbits(encoder.encode(views[:, 0].numpy()), axis=1).astype(int)
     dist = (queries[:, None] != gallery[None]).sum(-1)
@@ -98,3 +99,21 @@ def test_a_rescan_moves_and_compresses_but_keeps_shape_range_and_seed() -> None:
         torch.testing.assert_close(jpeg_jitter(y, torch.Generator().manual_seed(1), quality=(90, 90)), out)
     with pytest.raises(ValueError, match="1 or 3 channels"):
         jpeg_jitter(torch.rand(2, 2, 8, 8), torch.Generator())
+
+
+def test_each_image_s_place_reaches_its_views_and_the_count_must_match(chest: np.ndarray) -> None:
+    """``(images, at)`` batches: each image's place is handed to the view maker with it, in order, up to
+    ``max_samples`` (a batch cut short is cut with its places); a batch whose places do not match is refused."""
+    seen: list[object] = []
+
+    def views(x: torch.Tensor, generator: torch.Generator, at: list[object]) -> torch.Tensor:
+        assert len(at) == len(x)
+        seen.extend(at)
+        return x.flip(3)
+
+    quick = {"views": 1, "steps": 5, "batch": 8}
+    batches = [(chest[:30], list(range(30))), (chest[30:], list(range(30, 48)))]
+    fit_frozen_selfsup(config(), batches, views, max_samples=40, hyper=quick)
+    assert seen == list(range(40))
+    with pytest.raises(ValueError, match="a batch of 48 images came with 3 places"):
+        fit_frozen_selfsup(config(), [(chest, [None] * 3)], views, hyper=quick)
