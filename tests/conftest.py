@@ -53,10 +53,12 @@ def s3_bucket(s3_config: S3Config) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """One local Ray for the session, sized like the CI machine (2 CPUs)."""
+    """One local Ray for the session, sized like the CI machine (2 CPUs); or the one an earlier test in this
+    process already started (an in-process ``fit`` starts its own when none is running)."""
     import ray
 
-    ray.init(address="local", num_cpus=2)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2)
     yield
     ray.shutdown()
 

@@ -51,7 +51,8 @@ DICOM_TAGS = {
 #: columns that name an item's group (patient, study, slide), tried in this order when ``group_column`` is unset
 GROUP_COLUMNS = ("patient_id", "patient", "group", "subject", "slide_id", "patient_pseudo_id", "study_uid")
 ORGAN_COLUMNS = ("organ", "dataset")
-CACHE_FORMAT = "1"
+#: "2": rows keep their object's etag and, for slide tiles, the level-0 position (views re-read from the slide)
+CACHE_FORMAT = "2"
 
 
 @dataclass(frozen=True)
@@ -187,16 +188,20 @@ def _organ_of(meta: dict[str, Any]) -> str:
 def training_rows(
     batch: dict[str, npt.NDArray[Any]], cfg_json: str, shape: tuple[int, ...]
 ) -> dict[str, npt.NDArray[Any]]:
-    """Item rows of the indexing ``load`` stage -> cache rows: uint8 image bytes, label, organ, group.
+    """Item rows of the indexing ``load`` stage -> cache rows: uint8 image bytes, label, organ, group, and
+    where the image came from (the object's etag; a slide tile's level-0 ``tile_x``/``tile_y``, else -1).
 
     Rows of objects that could not be read keep their error (the driver reports them) and no image.
     """
     cfg = TrainConfig.model_validate_json(cfg_json)
     n = len(batch["ok"])
-    keys = ("item_id", "uri", "label", "organ", "group", "split", "error", "fault")
+    keys = ("item_id", "uri", "etag", "label", "organ", "group", "split", "error", "fault")
     out: dict[str, list[Any]] = {k: [] for k in keys}
+    at: dict[str, list[int]] = {"tile_x": [], "tile_y": []}
     images = []
     for i in range(n):
+        if not batch["ok"][i] and not str(batch["error"][i]):
+            continue  # a unit that gave no items (a slide unit whose tiles were all background): nothing to keep
         meta = {c: batch[c][i] for c in batch if c not in ("image", "extra")}
         extra = str(batch["extra"][i])
         if extra:
@@ -208,6 +213,9 @@ def training_rows(
             ok, error, fault = False, f"model input is {image.shape}, this encoder takes {shape}", "object"
         out["item_id"].append(str(batch["item_id"][i]) if ok else "")
         out["uri"].append(str(batch["uri"][i]))
+        out["etag"].append(str(batch["etag"][i]))
+        for c in at:
+            at[c].append(int(meta.get(c, -1)) if ok else -1)
         out["label"].append(_label_of(meta, cfg) if ok else "")
         out["organ"].append(_organ_of(meta))
         out["group"].append(_group_of(meta, str(batch["uri"][i]), cfg))
@@ -216,13 +224,17 @@ def training_rows(
         out["fault"].append("" if ok else fault)
         images.append(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8).tobytes() if ok else b"")
     cols = {k: np.array(v, dtype=object) for k, v in out.items()}
+    cols.update({c: np.array(v, np.int64) for c, v in at.items()})
     cols["image"] = np.array(images, dtype=object)
     return cols
 
 
-def fingerprint(objects: list[Any], cfg: TrainConfig, recipes: dict[str, str], shape: tuple[int, ...]) -> str:
-    """What the cache depends on: every object and etag (sidecar labels included), recipes, geometry, label rule."""
-    h = hashlib.sha256(CACHE_FORMAT.encode())
+def fingerprint(
+    objects: list[Any], cfg: TrainConfig, recipes: dict[str, str], shape: tuple[int, ...], root: str = ""
+) -> str:
+    """What the cache depends on: the source's root (its rows name their objects' URIs), every object and etag
+    (sidecar labels included), recipes, geometry, label rule."""
+    h = hashlib.sha256(f"{CACHE_FORMAT}\t{root}\n".encode())
     for o in sorted(objects, key=lambda o: o.key):
         h.update(f"{o.key}\t{o.etag}\n".encode())
     rule = {"recipes": recipes, "shape": shape, "tag": cfg.label_tag, "col": cfg.label_column, "grp": cfg.group_column}
@@ -257,7 +269,7 @@ def prepare(cfg: TrainConfig, geometry: tuple[tuple[int, int], int, str]) -> Arc
         raise ConfigError(f"source {cfg.source!r} holds no images medret can read")
     recipes = kinds.recipes_for(recipe)
     fs, base = arrow_filesystem(cfg.cache_path(), cfg.s3)
-    root = f"{base}/{fingerprint(objects, cfg, recipes, shape)}"
+    root = f"{base}/{fingerprint(objects, cfg, recipes, shape, store.uri_of(''))}"
     done = f"{root}/archive.json"
     if fs.get_file_info(done).type == pafs.FileType.File:
         with fs.open_input_stream(done) as f:
@@ -342,8 +354,11 @@ def _given_parts(cols: dict[str, list[Any]], ok: list[int], cfg: TrainConfig) ->
 
 
 # -- reading prepared rows -------------------------------------------------------------------
-def label_rows(batch: dict[str, npt.NDArray[Any]], archive_json: str, part: str) -> dict[str, npt.NDArray[Any]]:
-    """Cache rows -> the rows of ``part``: image (uint8 array), organ index and combined label."""
+def label_rows(
+    batch: dict[str, npt.NDArray[Any]], archive_json: str, part: str, *, where: bool = False
+) -> dict[str, npt.NDArray[Any]]:
+    """Cache rows -> the rows of ``part``: image (uint8 array), organ index and combined label; with ``where``,
+    also ``at``: each slide tile's :class:`~medret.preprocess.wsi.tiling.TileAt` (None for other images)."""
     archive = Archive.from_json(archive_json)
     index, organs = archive.class_index(), {o: i for i, o in enumerate(archive.organs)}
     keep = [i for i, g in enumerate(batch["group"]) if not batch["error"][i] and archive.parts.get(str(g)) == part]
@@ -351,11 +366,20 @@ def label_rows(batch: dict[str, npt.NDArray[Any]], archive_json: str, part: str)
     images = np.zeros((len(keep), *shape), np.uint8)
     for j, i in enumerate(keep):
         images[j] = np.frombuffer(batch["image"][i], np.uint8).reshape(shape)
-    return {
+    out = {
         "image": images,
         "organ": np.array([organs[str(batch["organ"][i])] for i in keep], np.int64),
         "label": np.array([index[(str(batch["organ"][i]), str(batch["label"][i]))] for i in keep], np.int64),
     }
+    if where:
+        from medret.preprocess.wsi.tiling import TileAt
+
+        at = np.empty(len(keep), dtype=object)
+        for j, i in enumerate(keep):
+            x, y = int(batch["tile_x"][i]), int(batch["tile_y"][i])
+            at[j] = TileAt(str(batch["uri"][i]), x, y, str(batch["etag"][i])) if x >= 0 and y >= 0 else None
+        out["at"] = at
+    return out
 
 
 def part_dataset(archive: Archive, part: str, cfg: TrainConfig) -> Any:
@@ -385,8 +409,40 @@ def iter_part(
         yield rows["image"]
 
 
+def iter_part_at(
+    archive: Archive, part: str, cfg: TrainConfig, *, batch_size: int = 1024, limit: int | None = None
+) -> Iterator[tuple[npt.NDArray[np.uint8], npt.NDArray[Any]]]:
+    """:func:`iter_part`, each image with where it was read: a slide tile's ``TileAt``, else None."""
+    for rows in _part_rows(archive, part, cfg, batch_size, limit, where=True):
+        yield rows["image"], rows["at"]
+
+
+def slide_opener(cfg: TrainConfig) -> Any:
+    """``TileAt -> Slide`` for the tiles of ``cfg.source``: each slide opened as the indexing job opens it (a
+    local file where it is one, else a download cached by etag; the tiling's ``default_mpp`` where the slide
+    states no pixel size)."""
+    from medret.preprocess.wsi.tiling import TileAt, open_cached_slide
+    from medret.storage.cache import local_copy
+    from medret.storage.objects import open_store
+    from medret.storage.retry import RetryingStore
+
+    store = RetryingStore(open_store(cfg.source, cfg.s3), budget_s=60.0)
+    root = store.uri_of("").rstrip("/") + "/"
+
+    def open_(at: TileAt) -> Any:
+        key = at.slide[len(root) :] if at.slide.startswith(root) else ""
+        if not key or store.uri_of(key) != at.slide:
+            raise ConfigError(
+                f"{at.slide}: the training cache names a slide outside source {cfg.source!r}; "
+                f"delete the cache under {cfg.cache_path()!r} to prepare the archive again"
+            )
+        return open_cached_slide(local_copy(store, key, at.version), cfg.tiling)
+
+    return open_
+
+
 def _part_rows(
-    archive: Archive, part: str, cfg: TrainConfig, batch_size: int, limit: int | None
+    archive: Archive, part: str, cfg: TrainConfig, batch_size: int, limit: int | None, *, where: bool = False
 ) -> Iterator[dict[str, npt.NDArray[Any]]]:
     import pyarrow.dataset as pads
 
@@ -397,7 +453,7 @@ def _part_rows(
     left = limit
     for batch in dataset.to_batches(batch_size=batch_size):
         cols = {c: np.array(batch.column(c).to_pylist(), dtype=object) for c in batch.schema.names}
-        rows = label_rows(cols, archive.to_json(), part)
+        rows = label_rows(cols, archive.to_json(), part, where=where)
         if left is not None:
             rows = {k: v[:left] for k, v in rows.items()}
             left -= len(rows["label"])

@@ -177,6 +177,27 @@ def image_batches(cfg: TrainConfig, limit: int, batch: int = 256) -> Iterator[An
         yield images[i : i + batch]
 
 
+def slide_views(cfg: TrainConfig, open_slide: Any) -> Any:
+    """:class:`~medret.train.augment.SlideViews` for this run: tiles read again at ``cfg.tiling`` and made into
+    the encoder's input by the run's own slide recipe, as an uploaded region is."""
+    from medret import kinds
+    from medret.kinds import ReadContext
+    from medret.preprocess.wsi.tiling import SlideTiles
+    from medret.train.augment import SlideViews
+
+    input_size, channels, recipe = cfg.geometry()
+    ctx = ReadContext(
+        store=None, input_size=input_size, recipes=kinds.recipes_for(recipe), tiling=cfg.tiling, channels=channels
+    )
+
+    def to_input(rgb: Any) -> Any:  # called only where there are slide tiles, so only a run with them needs the recipe
+        tile_recipe = ctx.recipe("wsi")
+        regions = [tile_recipe(SlideTiles.of_region(r, cfg.tiling), input_size=input_size)[0].image for r in rgb]
+        return np.stack(regions)
+
+    return SlideViews(open_slide, cfg.tiling, to_input)
+
+
 def eight_ways(images: Any) -> list[Any]:
     """``images`` (N, H, W[, C]) in its 8 dihedral orientations (rotations by 90 degrees, and mirrored)."""
     turns = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
@@ -208,6 +229,7 @@ def fit_training_free(cfg: TrainConfig) -> TrainReport:
     )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.perf_counter()
+    metrics: dict[str, Any] = {}
     if cfg.method == "frozen-selfsup":
         from medret.methods.frozen_selfsup import fit_frozen_selfsup
         from medret.train.augment import get_augmentation, rescan
@@ -219,9 +241,19 @@ def fit_training_free(cfg: TrainConfig) -> TrainReport:
         if cfg.lr:
             hyper.setdefault("lr", cfg.lr)
         augmentation = get_augmentation(cfg.augmentation or "medmnist") if cfg.augment else get_augmentation("none")
-        encoder = fit_frozen_selfsup(
-            config, image_batches(cfg, limit), rescan(augmentation), max_samples=limit, hyper=hyper, seed=cfg.seed
-        )
+        if cfg.source:  # slide tiles' views are read again from their slides
+            from medret.train.archive import iter_part_at, prepare, slide_opener
+
+            archive = prepare(cfg, cfg.geometry())
+            batches: Any = iter_part_at(archive, "train", cfg, batch_size=256, limit=limit)
+            field = slide_views(cfg, slide_opener(cfg))
+            views = rescan(augmentation, field)
+        else:
+            batches, views, field = image_batches(cfg, limit), rescan(augmentation), None
+        encoder = fit_frozen_selfsup(config, batches, views, max_samples=limit, hyper=hyper, seed=cfg.seed)
+        if field is not None and (field.reads or field.fallbacks):
+            metrics["views_read_from_slides"] = field.reads
+            metrics["slide_views_unreadable"] = field.fallbacks
     else:
         from medret.models.frozen import fit_frozen_itq
 
@@ -234,7 +266,8 @@ def fit_training_free(cfg: TrainConfig) -> TrainReport:
     seconds = time.perf_counter() - t0
     encoder.save(output / "encoder.npz")
     samples = int(encoder.config.extra.get("fit", {}).get("samples", 0))
-    stamp_provenance(output / "encoder.npz", cfg, {"samples": samples, "fit_seconds": round(seconds, 1)})
+    metrics = {"samples": samples, "fit_seconds": round(seconds, 1), **metrics}
+    stamp_provenance(output / "encoder.npz", cfg, metrics)
     history = [{"epoch": 0, "samples": samples, "samples_per_s_worker": samples / max(seconds, 1e-9)}]
     report = TrainReport(output / "encoder.npz", output, 0, history, seconds, f"driver on {platform.machine()}")
     (output / "train.json").write_text(json.dumps(report.summary(), indent=1))

@@ -191,6 +191,7 @@ def test_an_item_of_the_wrong_shape_is_an_error_row_not_a_reshaped_image() -> No
         "ok": np.array([True, True]),
         "item_id": np.array(["a.png", "b.png"], dtype=object),
         "uri": np.array(["a.png", "b.png"], dtype=object),
+        "etag": np.array(["e1", "e2"], dtype=object),
         "error": np.array(["", ""], dtype=object),
         "fault": np.array(["", ""], dtype=object),
         "extra": np.array(['{"label": "1"}', '{"label": "0"}'], dtype=object),
@@ -200,3 +201,8 @@ def test_an_item_of_the_wrong_shape_is_an_error_row_not_a_reshaped_image() -> No
     assert list(rows["label"]) == ["1", ""] and rows["error"][0] == ""
     assert rows["error"][1] == "model input is (14, 56), this encoder takes (28, 28)" and rows["fault"][1] == "object"
     assert np.frombuffer(rows["image"][0], np.uint8).tolist() == [128] * 784 and rows["image"][1] == b""
+    assert rows["etag"].tolist() == ["e1", "e2"] and rows["tile_x"].tolist() == rows["tile_y"].tolist() == [-1, -1]
+    # a unit that gave no items (a slide unit whose tiles were all background) is no row, not an empty image
+    empty = {k: v[:1].copy() for k, v in batch.items()}
+    empty["ok"][0], empty["item_id"][0] = False, ""
+    assert len(training_rows(empty, TrainConfig().model_dump_json(), (28, 28))["uri"]) == 0
