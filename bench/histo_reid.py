@@ -30,8 +30,12 @@ Euclidean nearest neighbour (not a code; a reference), and seeded random 48-bit 
 images of each tile first (``arch.dihedral``; 8 times the encoder's cost).
 ``frozen-selfsup:BACKBONE[+dihedral]`` trains the hash layer on the same frozen features, without labels,
 on the gallery tiles and 8 random views of each (``medret.methods.frozen_selfsup``; the views are the
-``histology`` augmentation inside ``medret.train.augment.rescan``: field of view moved by up to a quarter
-tile and scaled by up to 13%, a random dihedral transform, stain jitter, JPEG at a quality in [40, 95]).
+``histology`` augmentation inside ``medret.train.augment.rescan``: a random dihedral transform, stain
+jitter and JPEG at a quality in [40, 95], on a field of view moved by up to a quarter tile and rescaled).
+With ``--selfsup-views slide`` (the default, and what ``medret train`` does for a slide archive) the moved
+field of view is read again from the slide (``medret.train.augment.SlideViews``: centre moved by up to 56 px,
+read at 0.45-0.55 mpp), so real tissue comes into view; with ``pixels`` it is moved within the tile's own
+pixels, scaled by up to 13 %, edge mirrored (the rows recorded on 2026-12-07).
 Like the ITQ rows it is fitted transductively on the gallery tiles, and its augmentation ranges are chosen
 to cover the benchmark's transform families: the dihedral views include the query rotations and flip
 exactly, and the moves, scales and JPEG qualities bracket the queries' values (drawn at random, not set
@@ -147,9 +151,12 @@ def queries(sets: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarr
 Coder = Callable[[np.ndarray], np.ndarray]  # RGB tiles -> packed codes (or float features for the NN row)
 
 
-def frozen_coder(spec: str, gallery: np.ndarray, runtime: str = "torch") -> tuple[Coder, dict[str, Any]]:
+def frozen_coder(
+    spec: str, gallery: np.ndarray, runtime: str = "torch", field: Any = None, places: list[Any] | None = None
+) -> tuple[Coder, dict[str, Any]]:
     """``frozen-itq:BACKBONE`` / ``frozen-selfsup:BACKBONE``: the ``histology`` preset's frozen pretrained backbone
-    + ITQ fitted on the gallery, or a hash layer trained on it self-supervised from the gallery tiles."""
+    + ITQ fitted on the gallery, or a hash layer trained on it self-supervised from the gallery tiles (their views
+    read again from the slides by ``field`` at ``places``, or, without them, moved in their own pixels)."""
     method = spec.partition(":")[0]
     if method not in ("frozen-itq", "frozen-selfsup"):
         raise SystemExit(f"{spec}: a frozen encoder is frozen-itq:BACKBONE or frozen-selfsup:BACKBONE, got {method!r}")
@@ -176,7 +183,10 @@ def frozen_coder(spec: str, gallery: np.ndarray, runtime: str = "torch") -> tupl
         from medret.methods.frozen_selfsup import fit_frozen_selfsup
         from medret.train.augment import get_augmentation, rescan
 
-        encoder = fit_frozen_selfsup(config, chunks, rescan(get_augmentation("histology")), max_samples=len(gallery))
+        views = rescan(get_augmentation("histology"), field(config) if field else None)
+        if places is not None:
+            chunks = ((c, places[i * 64 : (i + 1) * 64]) for i, c in enumerate(chunks))
+        encoder = fit_frozen_selfsup(config, chunks, views, max_samples=len(gallery))
     else:
         encoder = fit_frozen_itq(config, chunks)
     c = encoder.config
@@ -187,6 +197,8 @@ def frozen_coder(spec: str, gallery: np.ndarray, runtime: str = "torch") -> tupl
         "fitted_on": f"the {len(gallery)} gallery tiles (unsupervised: no labels, no queries)",
         "fit": {k: v for k, v in c.extra["fit"].items() if k != "backbone_sha256"},
     }
+    if method == "frozen-selfsup":
+        info["views"] = "read again from the slides" if field else "moved in the tile's own pixels (mirrored edge)"
     if runtime == "onnx":
         from medret.models.onnx import CheckedOnnxEncoder
 
@@ -194,6 +206,27 @@ def frozen_coder(spec: str, gallery: np.ndarray, runtime: str = "torch") -> tupl
         info["runtime"] = "onnx (checked twin: torch's codes)"
         return lambda tiles: in_chunks(twin.encode, reid.prepare_tiles(tiles, c)), info
     return lambda tiles: in_chunks(encoder.encode, reid.prepare_tiles(tiles, c)), info
+
+
+def slide_field(slides: list[tuple[Path, float | None]], backends: tuple[str, ...], sets: dict[str, np.ndarray]) -> Any:
+    """The training views of the gallery tiles read again from their slides (``medret.train.augment.SlideViews``,
+    as ``medret train`` reads a slide archive's), and each gallery tile's place."""
+    from medret.io.wsi import open_slide
+    from medret.preprocess.wsi.tiling import TileAt, TilingConfig
+    from medret.train.augment import SlideViews
+
+    opened: dict[str, Any] = {}
+
+    def open_(at: TileAt) -> Any:
+        if at.slide not in opened:
+            path, mpp = slides[int(at.slide)]
+            opened[at.slide] = open_slide(path, mpp=mpp, backends=backends)
+        return opened[at.slide]
+
+    boxes = zip(sets["slides"], sets["boxes/gallery"], strict=True)
+    places = [TileAt(str(int(s)), int(x), int(y)) for s, (x, y, _) in boxes]
+    tiling = TilingConfig(tile_px=TILE, mpp=MPP)
+    return (lambda config: SlideViews(open_, tiling, lambda rgb: reid.prepare_tiles(rgb, config))), places
 
 
 def in_chunks(encode: Callable[[np.ndarray], np.ndarray], images: np.ndarray, chunk: int = 32) -> np.ndarray:
@@ -296,6 +329,13 @@ def main(argv: list[str] | None = None) -> None:
         "twin (the same codes, several times faster on a CPU; the ITQ fit stays on torch; frozen-selfsup's cached "
         "training features always come from ONNX Runtime)",
     )
+    ap.add_argument(
+        "--selfsup-views",
+        choices=["slide", "pixels"],
+        default="slide",
+        help="frozen-selfsup's training views: read again from the slides (moved, at 0.45-0.55 mpp; what medret "
+        "train does for a slide archive), or moved within the tile's own pixels (edge mirrored; the 2026-12-07 rows)",
+    )
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "medret-histo-reid")
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument(
@@ -312,9 +352,13 @@ def main(argv: list[str] | None = None) -> None:
     gallery, n = sets["gallery"], len(sets["gallery"])
     per_slide = {p.name: int((sets["slides"] == i).sum()) for i, (p, _) in enumerate(slides)}
     log.info("gallery: %d tiles %s (%s in %.1f s)", n, per_slide, "cache" if cached else "read", read_s)
+    field, places = slide_field(slides, tuple(args.backends), sets) if args.selfsup_views == "slide" else (None, None)
     coders: dict[str, tuple[Coder, dict[str, Any]]] = {}
     for spec in args.encoders:
-        coders[spec] = frozen_coder(spec, gallery, args.runtime) if spec.startswith("frozen-") else encoder_coder(spec)
+        if spec.startswith("frozen-"):
+            coders[spec] = frozen_coder(spec, gallery, args.runtime, field, places)
+        else:
+            coders[spec] = encoder_coder(spec)
     coders.update(baseline_coders(gallery))
     rows = []
     for name, (coder, info) in coders.items():
