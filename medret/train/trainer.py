@@ -162,13 +162,15 @@ def stamp_provenance(path: Path, cfg: TrainConfig, metrics: dict[str, Any], auto
     encoder.save(path)
 
 
-def image_batches(cfg: TrainConfig, limit: int, batch: int = 256) -> Iterator[Any]:
-    """Training images for a fit without gradients, in batches: the archive's train part, or the split's."""
+def image_batches(cfg: TrainConfig, limit: int, batch: int = 256, *, places: bool = False) -> Iterator[Any]:
+    """Training images for a fit without gradients, in batches: the archive's train part, or the split's.
+    With ``places``, an archive's batches are ``(images, at)``: each slide tile's place, None for other images."""
     if cfg.source:
-        from medret.train.archive import iter_part, prepare
+        from medret.train.archive import iter_part, iter_part_at, prepare
 
         archive = prepare(cfg, cfg.geometry())
-        yield from iter_part(archive, "train", cfg, batch_size=batch, limit=limit)
+        rows = iter_part_at if places else iter_part
+        yield from rows(archive, "train", cfg, batch_size=batch, limit=limit)
         return
     from medret.train.feeds import MemoryFeed
 
@@ -232,6 +234,7 @@ def fit_training_free(cfg: TrainConfig) -> TrainReport:
     metrics: dict[str, Any] = {}
     if cfg.method == "frozen-selfsup":
         from medret.methods.frozen_selfsup import fit_frozen_selfsup
+        from medret.train.archive import slide_opener
         from medret.train.augment import get_augmentation, rescan
 
         limit = cfg.samples_per_epoch or 4_000
@@ -241,15 +244,9 @@ def fit_training_free(cfg: TrainConfig) -> TrainReport:
         if cfg.lr:
             hyper.setdefault("lr", cfg.lr)
         augmentation = get_augmentation(cfg.augmentation or "medmnist") if cfg.augment else get_augmentation("none")
-        if cfg.source:  # slide tiles' views are read again from their slides
-            from medret.train.archive import iter_part_at, prepare, slide_opener
-
-            archive = prepare(cfg, cfg.geometry())
-            batches: Any = iter_part_at(archive, "train", cfg, batch_size=256, limit=limit)
-            field = slide_views(cfg, slide_opener(cfg))
-            views = rescan(augmentation, field)
-        else:
-            batches, views, field = image_batches(cfg, limit), rescan(augmentation), None
+        # an archive's slide tiles have their views read again from their slides
+        field = slide_views(cfg, slide_opener(cfg)) if cfg.source else None
+        batches, views = image_batches(cfg, limit, places=True), rescan(augmentation, field)
         encoder = fit_frozen_selfsup(config, batches, views, max_samples=limit, hyper=hyper, seed=cfg.seed)
         if field is not None and (field.reads or field.fallbacks):
             metrics["views_read_from_slides"] = field.reads
