@@ -230,7 +230,7 @@ def training_rows(
 
 
 def fingerprint(
-    objects: list[Any], cfg: TrainConfig, recipes: dict[str, str], shape: tuple[int, ...], root: str = ""
+    objects: list[Any], cfg: TrainConfig, recipes: dict[str, str], shape: tuple[int, ...], root: str
 ) -> str:
     """What the cache depends on: the source's root (its rows name their objects' URIs), every object and etag
     (sidecar labels included), recipes, geometry, label rule."""
